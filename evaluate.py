@@ -1,0 +1,104 @@
+"""Evaluate a trained checkpoint on the data it was trained on.
+
+    python evaluate.py ckpt_path=RUN/checkpoints/best.ckpt [split=val|test] [data_path=FILE]
+
+Rebuilds the data from the run's saved config.yaml, refuses a checkpoint whose data fingerprint
+differs from that data's, evaluates with the same code as train.py's test step, and writes
+metrics.json and per_user.parquet into its own output directory (hydra.run.dir).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from recsys.data.datamodule import SPLITS
+from recsys.errors import UserInputError
+from recsys.results import per_user_frame, write_parquet_atomic
+from recsys.runs import format_table, run_with_user_errors, write_json_atomic
+
+log = logging.getLogger("evaluate")
+OmegaConf.register_new_resolver("project_root", lambda: str(Path(__file__).resolve().parent), replace=True)
+
+
+def load_checkpoint(path: Path) -> dict:
+    if not path.is_file():
+        raise UserInputError(f"ckpt_path: {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors come in many types
+        raise UserInputError(f"ckpt_path: {path} cannot be read as a checkpoint ({type(err).__name__})") from None
+
+
+def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
+    if cfg.split not in SPLITS:
+        raise UserInputError(f"split: {cfg.split!r} is not one of {list(SPLITS)}")
+    ckpt_path = Path(cfg.ckpt_path).resolve()
+    checkpoint = load_checkpoint(ckpt_path)
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else ckpt_path.parent.parent
+    run_config = run_dir / "config.yaml"
+    if not run_config.is_file():
+        raise UserInputError(f"run_dir: {run_config} not found (the config.yaml that train.py wrote)")
+    run_cfg = OmegaConf.load(run_config)
+    if cfg.data_path is not None:
+        run_cfg.data.path = cfg.data_path
+    run_cfg.data.cache_dir = cfg.paths.cache_dir
+    if cfg.batch_size is not None:
+        run_cfg.data.eval_batch_size = cfg.batch_size
+
+    datamodule = instantiate(run_cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    trained_on = checkpoint.get("data_fingerprint")
+    if trained_on != datamodule.fingerprint:
+        raise UserInputError(
+            f"ckpt_path: {ckpt_path} was trained on other data (fingerprint {str(trained_on)[:12]}), "
+            f"not on {run_cfg.data.path} ({datamodule.fingerprint[:12]})"
+        )
+    model = instantiate(run_cfg.model, num_items=checkpoint["num_items"], data_fingerprint=trained_on)
+    model.load_state_dict(checkpoint["state_dict"])
+
+    trainer = pl.Trainer(
+        accelerator=cfg.accelerator,
+        devices=1,
+        precision=cfg.precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    results = trainer.test(model, dataloaders=datamodule.eval_dataloader(cfg.split), verbose=False)[0]
+    metrics = {f"{cfg.split}/{k.split('/', 1)[1]}": float(v) for k, v in results.items() if k.startswith("test/")}
+    frame = per_user_frame(datamodule.data, cfg.split, model.test_results["user"], model.test_results["rank"], model.ks)
+    write_parquet_atomic(frame, out_dir / "per_user.parquet")
+    summary = {
+        **metrics,
+        "ckpt_path": str(ckpt_path),
+        "split": cfg.split,
+        "epoch": int(checkpoint.get("epoch", -1)),
+        "data": run_cfg.data.name,
+        "data_fingerprint": datamodule.fingerprint,
+        "exclude_seen": True,
+        "protocol": "leave-one-out, full ranking, seen items excluded, pessimistic ties",
+    }
+    write_json_atomic(out_dir / "metrics.json", summary)
+    print(f"\n{cfg.split} metrics of {ckpt_path} ({run_cfg.data.name}, {len(frame)} users), written to {out_dir}")
+    print(format_table(summary, cfg.split, model.ks))
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    run_with_user_errors(out_dir, lambda: evaluate(cfg, out_dir))
+
+
+if __name__ == "__main__":
+    main()

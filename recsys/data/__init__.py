@@ -1,0 +1,4 @@
+from recsys.data.datamodule import SequenceDataModule
+from recsys.data.preprocess import SequenceData
+
+__all__ = ["SequenceDataModule", "SequenceData"]

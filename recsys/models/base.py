@@ -1,0 +1,99 @@
+"""What every sequential model shares: optimizer set-up and evaluation under the one protocol.
+
+A model subclasses `SequentialRecommender`, builds its network in `__init__`, and implements
+`training_step` and `score(history) -> (B, num_items + 1)`. Validation and test then rank every item
+for every user through `recsys.metrics`, identically for all models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import pytorch_lightning as pl
+import torch
+
+from recsys.metrics import DEFAULT_KS, RankingMetrics, target_ranks
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+
+
+class SequentialRecommender(pl.LightningModule):
+    def __init__(
+        self,
+        num_items: int,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: Callable | None = None,
+        scheduler_interval: str = "epoch",
+        data_fingerprint: str = "",
+        ks: Sequence[int] = DEFAULT_KS,
+    ):
+        super().__init__()
+        self.num_items = num_items
+        # Factories (Hydra `_partial_: true`), kept out of the checkpoint's hyper-parameters so that
+        # checkpoints hold only tensors and plain values and load with weights_only=True.
+        self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-3))
+        self.scheduler_factory = scheduler
+        self.scheduler_interval = scheduler_interval
+        self.data_fingerprint = data_fingerprint
+        self.ks = tuple(ks)
+        self.val_metrics = RankingMetrics(self.ks)
+        self.test_metrics = RankingMetrics(self.ks)
+        self.test_results: dict[str, torch.Tensor] = {}
+        self._test_users: list[torch.Tensor] = []
+        self._test_ranks: list[torch.Tensor] = []
+
+    # --- the part each model provides -----------------------------------------------------------
+
+    def score(self, history: torch.Tensor) -> torch.Tensor:
+        """Scores (B, num_items + 1) of every item as the next one after right-padded `history`."""
+        raise NotImplementedError
+
+    # --- optimisation ----------------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # evaluate.py refuses a checkpoint whose data differs from the data it is evaluated on.
+        checkpoint["data_fingerprint"] = self.data_fingerprint
+        checkpoint["num_items"] = self.num_items
+
+    # --- evaluation ------------------------------------------------------------------------------
+
+    def _ranks(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return target_ranks(self.score(batch["history"]), batch["target"], batch["exclude"])
+
+    def _reduce_sum(self, totals: torch.Tensor) -> torch.Tensor:
+        if self._trainer is None:
+            return totals
+        return self.trainer.strategy.reduce(totals.to(self.device), reduce_op="sum").cpu()
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_metrics.reset()
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.val_metrics.update(self._ranks(batch))
+
+    def on_validation_epoch_end(self) -> None:
+        results = self.val_metrics.compute(self._reduce_sum)
+        # Already reduced exactly across processes above, so no sync_dist averaging here.
+        self.log_dict({f"val/{name}": value for name, value in results.items()}, sync_dist=False)
+
+    def on_test_epoch_start(self) -> None:
+        self.test_metrics.reset()
+        self._test_users, self._test_ranks = [], []
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        ranks = self._ranks(batch)
+        self.test_metrics.update(ranks)
+        self._test_users.append(batch["user"].cpu())
+        self._test_ranks.append(ranks.cpu())
+
+    def on_test_epoch_end(self) -> None:
+        results = self.test_metrics.compute(self._reduce_sum)
+        self.log_dict({f"test/{name}": value for name, value in results.items()}, sync_dist=False)
+        self.test_results = {"user": torch.cat(self._test_users), "rank": torch.cat(self._test_ranks)}

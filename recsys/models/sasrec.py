@@ -1,0 +1,92 @@
+"""SASRec (Kang & McAuley, ICDM 2018): a causal transformer over the user's item sequence.
+
+Sequences are right-padded (padding id 0 at the end). With causal attention a real position only
+attends to positions at or before it, which are all real, so no padding mask is needed and
+`is_causal=True` alone is exact: SDPA can run its flash kernel. Outputs at padding positions are
+computed but never used. Scores are dot products with the (tied) item embeddings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from recsys.losses import FullCrossEntropy
+from recsys.metrics import DEFAULT_KS
+from recsys.models.base import SequentialRecommender
+from recsys.models.transformer import TransformerBlock
+
+
+class SASRec(SequentialRecommender):
+    def __init__(
+        self,
+        num_items: int,
+        max_len: int = 50,
+        dim: int = 64,
+        num_blocks: int = 2,
+        num_heads: int = 1,
+        ffn_dim: int | None = None,
+        dropout: float = 0.2,
+        attention_dropout: float = 0.0,
+        pre_norm: bool = True,
+        init_std: float = 0.02,
+        loss: nn.Module | None = None,
+        optimizer: Callable | None = None,
+        scheduler: Callable | None = None,
+        scheduler_interval: str = "epoch",
+        data_fingerprint: str = "",
+        ks: Sequence[int] = DEFAULT_KS,
+    ):
+        super().__init__(num_items, optimizer, scheduler, scheduler_interval, data_fingerprint, ks)
+        self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler"])
+        self.max_len = max_len
+        self.item_embedding = nn.Embedding(num_items + 1, dim, padding_idx=0)
+        self.position_embedding = nn.Embedding(max_len, dim)
+        self.embedding_dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(dim, num_heads, ffn_dim or 4 * dim, dropout, pre_norm, attention_dropout) for _ in range(num_blocks)
+        )
+        # Pre-norm blocks leave the residual stream un-normalised: normalise once at the end.
+        self.final_norm = nn.LayerNorm(dim) if pre_norm else nn.Identity()
+        self.loss = loss if loss is not None else FullCrossEntropy()
+        self._init_weights(init_std)
+
+    def _init_weights(self, std: float) -> None:
+        # With tied input/output embeddings, nn.Embedding's default N(0, 1) stalls learning;
+        # a small std does not (see PROTOCOL.md).
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        with torch.no_grad():
+            self.item_embedding.weight[0].zero_()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Hidden states (B, L, dim) for right-padded item ids (B, L), L <= max_len."""
+        positions = torch.arange(input_ids.size(1), device=input_ids.device)
+        x = self.item_embedding(input_ids) + self.position_embedding(positions)
+        x = self.embedding_dropout(x)
+        for block in self.blocks:
+            x = block(x, is_causal=True)
+        return self.final_norm(x)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        hidden = self(batch["input_ids"])
+        has_target = batch["target_ids"] != 0  # loss only where there is a next item
+        loss = self.loss(hidden[has_target], batch["target_ids"][has_target], self.item_embedding.weight)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=int(has_target.sum()))
+        return loss
+
+    def score(self, history: torch.Tensor) -> torch.Tensor:
+        if history.size(1) > self.max_len:
+            # Keep each row's last max_len real items, still right-padded.
+            lengths = (history != 0).sum(dim=1, keepdim=True)
+            index = (lengths - self.max_len).clamp(min=0) + torch.arange(self.max_len, device=history.device)
+            history = history.gather(1, index.clamp(max=history.size(1) - 1)) * (index < lengths)
+        hidden = self(history)
+        last = (history != 0).sum(dim=1).clamp(min=1) - 1  # right padding: last real position
+        user_state = hidden[torch.arange(history.size(0), device=history.device), last]
+        return user_state @ self.item_embedding.weight.T

@@ -1,0 +1,108 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from recsys.data.preprocess import PreprocessSettings, SequenceData, load_sequence_data, preprocess
+from recsys.errors import UserInputError
+
+
+def frame(rows):
+    return pd.DataFrame(rows, columns=["user", "item", "timestamp"])
+
+
+def test_stable_time_sort_keeps_file_order_on_ties():
+    data = preprocess(frame([(1, 30, 5), (1, 10, 1), (1, 20, 5), (1, 40, 0)]), PreprocessSettings())
+    # time 0 -> 40, time 1 -> 10, then the two time-5 events in file order: 30 before 20
+    assert data.item_ids[data.history(0)].tolist() == [40, 10, 30, 20]
+
+
+def test_contiguous_item_ids_with_padding_zero():
+    data = preprocess(frame([(7, 100, 0), (7, 300, 1), (7, 200, 2), (8, 300, 0), (8, 100, 1), (8, 100, 2)]), PreprocessSettings())
+    assert data.num_items == 3
+    assert data.items.min() == 1 and data.items.max() == 3
+    assert data.item_ids.tolist()[1:] == [100, 200, 300]
+    assert data.user_ids.tolist() == [7, 8]
+
+
+def test_short_users_dropped_and_counted():
+    data = preprocess(frame([(1, 1, 0), (1, 2, 1), (2, 1, 0), (2, 2, 1), (2, 3, 2)]), PreprocessSettings())
+    assert data.user_ids.tolist() == [2]
+    assert data.stats["dropped_short_users"] == 1
+
+
+def brute_force_kcore(rows, k_user, k_item):
+    rows = list(rows)
+    while True:
+        users = pd.Series([r[0] for r in rows]).value_counts()
+        items = pd.Series([r[1] for r in rows]).value_counts()
+        kept = [r for r in rows if items[r[1]] >= k_item and users[r[0]] >= k_user]
+        if len(kept) == len(rows):
+            return kept
+        rows = kept
+
+
+def test_iterative_kcore_matches_brute_force():
+    rng = np.random.default_rng(0)
+    rows = [(int(u), int(i), t) for t, (u, i) in enumerate(zip(rng.integers(0, 60, 800), rng.zipf(1.5, 800) % 80))]
+    expected = brute_force_kcore(rows, 5, 5)
+    data = preprocess(frame(rows), PreprocessSettings(min_user_interactions=5, min_item_interactions=5))
+    assert len(data.items) == len(expected)
+    lengths = data.lengths
+    counts = np.bincount(data.items)[1:]
+    assert lengths.min() >= 5 and counts.min() >= 5
+
+
+def test_single_pass_item_filter():
+    rows = [(1, 1, 0), (1, 2, 1), (1, 3, 2), (2, 1, 0), (2, 2, 1), (2, 4, 2), (3, 1, 0), (3, 2, 1), (3, 3, 2)]
+    data = preprocess(frame(rows), PreprocessSettings(min_item_interactions=2, kcore_iterative=False))
+    assert 4 not in data.item_ids.tolist()
+    assert data.stats["dropped_short_users"] == 1  # user 2 has 2 items left
+
+
+def test_rating_threshold():
+    rows = pd.DataFrame({"user": [1] * 4, "item": [1, 2, 3, 4], "timestamp": [0, 1, 2, 3], "rating": [5, 1, 4, 4]})
+    data = preprocess(rows, PreprocessSettings(min_rating=4))
+    assert data.item_ids[data.history(0)].tolist() == [1, 3, 4]
+    with pytest.raises(UserInputError, match="data.min_rating: .* has no rating column"):
+        preprocess(frame([(1, 1, 0)]), PreprocessSettings(min_rating=4))
+
+
+def test_empty_after_filtering_is_an_error():
+    with pytest.raises(UserInputError, match="no interactions left after filtering"):
+        preprocess(frame([(1, 1, 0), (1, 2, 1), (1, 3, 2)]), PreprocessSettings(min_item_interactions=2))
+
+
+def test_cache_roundtrip_atomic_and_keyed_by_content(tmp_path, write_file):
+    source = write_file("seq.txt", "1 1 2 3 4\n2 2 3 4 5\n")
+    raw_bytes = source.read_bytes()
+    cache = tmp_path / "cache"
+    first = load_sequence_data("toy", "sequence", str(source), PreprocessSettings(), cache)
+    files = list(cache.iterdir())
+    assert len(files) == 1 and files[0].suffix == ".npz"  # no temporary left behind
+    second = load_sequence_data("toy", "sequence", str(source), PreprocessSettings(), cache)
+    assert second.fingerprint == first.fingerprint
+    np.testing.assert_array_equal(second.items, first.items)
+    assert source.read_bytes() == raw_bytes  # raw data is never modified
+
+    other = load_sequence_data("toy", "sequence", str(source), PreprocessSettings(min_item_interactions=2), cache)
+    assert other.fingerprint != first.fingerprint
+    source.write_text("1 1 2 3 4\n2 2 3 4 6\n")
+    changed = load_sequence_data("toy", "sequence", str(source), PreprocessSettings(), cache)
+    assert changed.fingerprint != first.fingerprint
+
+
+def test_string_ids_survive_the_cache(tmp_path):
+    data = preprocess(frame([("a", "x", 0), ("a", "y", 1), ("a", "z", 2)]), PreprocessSettings())
+    data.fingerprint = "f"
+    data.save(tmp_path / "d.npz")
+    loaded = SequenceData.load(tmp_path / "d.npz")
+    assert loaded.item_ids.tolist() == ["", "x", "y", "z"]
+    assert loaded.user_ids.tolist() == ["a"]
+
+
+def test_shipped_beauty_statistics():
+    from pathlib import Path
+
+    path = Path(__file__).parents[2] / "data" / "amazon_beauty" / "Beauty.txt.gz"
+    data = load_sequence_data("beauty", "sequence", str(path), PreprocessSettings(), None)
+    assert (data.num_users, data.num_items, len(data.items)) == (22363, 12101, 198502)
