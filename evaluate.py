@@ -34,7 +34,9 @@ def load_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types
-        raise UserInputError(f"ckpt_path: {path} cannot be read as a checkpoint ({type(err).__name__})") from None
+        raise UserInputError(
+            f"ckpt_path: {path} cannot be read as a checkpoint ({type(err).__name__})"
+        ) from None
 
 
 def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
@@ -75,8 +77,12 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         enable_model_summary=False,
     )
     results = trainer.test(model, dataloaders=datamodule.eval_dataloader(cfg.split), verbose=False)[0]
-    metrics = {f"{cfg.split}/{k.split('/', 1)[1]}": float(v) for k, v in results.items() if k.startswith("test/")}
-    frame = per_user_frame(datamodule.data, cfg.split, model.test_results["user"], model.test_results["rank"], model.ks)
+    metrics = {
+        f"{cfg.split}/{k.split('/', 1)[1]}": float(v) for k, v in results.items() if k.startswith("test/")
+    }
+    frame = per_user_frame(
+        datamodule.data, cfg.split, model.test_results["user"], model.test_results["rank"], model.ks
+    )
     write_parquet_atomic(frame, out_dir / "per_user.parquet")
     summary = {
         **metrics,
@@ -89,7 +95,9 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         "protocol": "leave-one-out, full ranking, seen items excluded, pessimistic ties",
     }
     write_json_atomic(out_dir / "metrics.json", summary)
-    print(f"\n{cfg.split} metrics of {ckpt_path} ({run_cfg.data.name}, {len(frame)} users), written to {out_dir}")
+    print(
+        f"\n{cfg.split} metrics of {ckpt_path} ({run_cfg.data.name}, {len(frame)} users), written to {out_dir}"
+    )
     print(format_table(summary, cfg.split, model.ks))
     return summary
 

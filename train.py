@@ -25,7 +25,13 @@ from omegaconf import DictConfig, OmegaConf
 from recsys.callbacks import EpochTimer
 from recsys.errors import UserInputError
 from recsys.results import per_user_frame, write_parquet_atomic
-from recsys.runs import default_wandb_mode, format_table, run_with_user_errors, write_config, write_json_atomic
+from recsys.runs import (
+    default_wandb_mode,
+    format_table,
+    run_with_user_errors,
+    write_config,
+    write_json_atomic,
+)
 
 log = logging.getLogger("train")
 OmegaConf.register_new_resolver("project_root", lambda: str(Path(__file__).resolve().parent), replace=True)
@@ -86,7 +92,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         write_json_atomic(run_dir / "metrics.json", metrics)
         for lg in loggers:
             if hasattr(lg, "experiment") and type(lg).__name__ == "WandbLogger":
-                lg.experiment.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+                lg.experiment.summary.update(
+                    {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+                )
         print(f"\ntest metrics ({cfg.data.name}, best epoch {best_epoch}), run dir {run_dir}")
         print(format_table(metrics, "test", model.ks))
     return metrics

@@ -29,7 +29,9 @@ class FullCrossEntropy(nn.Module):
             raise ValueError(f"model.loss.chunk_size: must be >= 1 or null, got {chunk_size}")
         self.chunk_size = chunk_size
 
-    def forward(self, hidden: torch.Tensor, targets: torch.Tensor, item_embeddings: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden: torch.Tensor, targets: torch.Tensor, item_embeddings: torch.Tensor
+    ) -> torch.Tensor:
         catalogue = item_embeddings[1:]  # padding is never a class
         if self.chunk_size is None:
             return F.cross_entropy((hidden @ catalogue.T).float(), targets - 1)
@@ -99,7 +101,9 @@ class BinaryCrossEntropy(nn.Module):
             raise ValueError(f"model.loss.num_negatives: must be >= 1, got {num_negatives}")
         self.num_negatives = num_negatives
 
-    def forward(self, hidden: torch.Tensor, targets: torch.Tensor, item_embeddings: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden: torch.Tensor, targets: torch.Tensor, item_embeddings: torch.Tensor
+    ) -> torch.Tensor:
         negatives = uniform_negatives(targets, item_embeddings.size(0) - 1, self.num_negatives)
         positive_logits = (hidden * item_embeddings[targets]).sum(-1).float()
         negative_logits = torch.einsum("td,tnd->tn", hidden, item_embeddings[negatives]).float()

@@ -27,7 +27,9 @@ DEFAULT_KS = (1, 5, 10, 20)
 METRIC_NAMES = ("hr", "ndcg", "mrr")
 
 
-def target_ranks(scores: torch.Tensor, target: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+def target_ranks(
+    scores: torch.Tensor, target: torch.Tensor, exclude: torch.Tensor | None = None
+) -> torch.Tensor:
     """1-based pessimistic rank of each target among all items but padding and seen ones.
 
     scores:  (B, num_items + 1), column 0 is padding and never a candidate

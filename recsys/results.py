@@ -13,7 +13,9 @@ from recsys.metrics import metrics_from_ranks
 from recsys.runs import atomic_path
 
 
-def per_user_frame(data: SequenceData, split: str, users: torch.Tensor, ranks: torch.Tensor, ks) -> pd.DataFrame:
+def per_user_frame(
+    data: SequenceData, split: str, users: torch.Tensor, ranks: torch.Tensor, ks
+) -> pd.DataFrame:
     users_np = users.numpy().astype(np.int64)
     order = np.argsort(users_np, kind="stable")
     users_np = users_np[order]

@@ -16,7 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def run(script, *overrides, check=True):
     env = dict(os.environ, WANDB_MODE="disabled", HYDRA_FULL_ERROR="0")
     result = subprocess.run(
-        [sys.executable, str(ROOT / script), *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, str(ROOT / script), *overrides],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     if check and result.returncode != 0:
         raise AssertionError(f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
@@ -53,8 +58,18 @@ def trained_run(tmp_path_factory):
 def test_train_writes_the_run_directory(trained_run):
     tmp, run_dir, result = trained_run
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    for key in ("val/ndcg@10", "test/ndcg@10", "test/hr@10", "test/mrr@10", "test/hr@1", "test/ndcg@20",
-                "best_epoch", "epochs", "train_seconds", "epoch_seconds"):
+    for key in (
+        "val/ndcg@10",
+        "test/ndcg@10",
+        "test/hr@10",
+        "test/mrr@10",
+        "test/hr@1",
+        "test/ndcg@20",
+        "best_epoch",
+        "epochs",
+        "train_seconds",
+        "epoch_seconds",
+    ):
         assert key in metrics, key
     assert metrics["epochs"] == 4
     assert 0 <= metrics["best_epoch"] < 4
@@ -78,12 +93,16 @@ def test_checkpoint_loads_with_weights_only(trained_run):
 def test_evaluate_reproduces_the_test_numbers_exactly(trained_run):
     tmp, run_dir, _ = trained_run
     out = tmp / "eval"
-    result = run("evaluate.py", f"ckpt_path={run_dir}/checkpoints/best.ckpt", f"hydra.run.dir={out}", *common(tmp))
+    result = run(
+        "evaluate.py", f"ckpt_path={run_dir}/checkpoints/best.ckpt", f"hydra.run.dir={out}", *common(tmp)
+    )
     trained = json.loads((run_dir / "metrics.json").read_text())
     evaluated = json.loads((out / "metrics.json").read_text())
     test_keys = [k for k in trained if k.startswith("test/")]
     assert test_keys and all(evaluated[k] == trained[k] for k in test_keys)
-    pd.testing.assert_frame_equal(pd.read_parquet(out / "per_user.parquet"), pd.read_parquet(run_dir / "per_user.parquet"))
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(out / "per_user.parquet"), pd.read_parquet(run_dir / "per_user.parquet")
+    )
     assert "ndcg" in result.stdout.lower()
 
 
@@ -99,8 +118,12 @@ def test_evaluate_refuses_a_checkpoint_from_other_data(trained_run):
     config = (run_dir / "config.yaml").read_text().replace("format: synthetic", "format: sequence")
     (copy / "config.yaml").write_text(config)
     result = run(
-        "evaluate.py", f"ckpt_path={copy}/checkpoints/best.ckpt", f"data_path={other}", f"hydra.run.dir={out}",
-        *common(tmp), check=False,
+        "evaluate.py",
+        f"ckpt_path={copy}/checkpoints/best.ckpt",
+        f"data_path={other}",
+        f"hydra.run.dir={out}",
+        *common(tmp),
+        check=False,
     )
     assert result.returncode == 2
     assert "was trained on other data" in result.stderr
@@ -111,17 +134,27 @@ def test_evaluate_refuses_a_checkpoint_from_other_data(trained_run):
 def test_missing_data_file_is_one_line_and_writes_nothing(tmp_path):
     run_dir = tmp_path / "run"
     result = run(
-        "train.py", "data=sequence_file", f"data.path={tmp_path}/missing.txt", "logger=none",
-        f"hydra.run.dir={run_dir}", *common(tmp_path), check=False,
+        "train.py",
+        "data=sequence_file",
+        f"data.path={tmp_path}/missing.txt",
+        "logger=none",
+        f"hydra.run.dir={run_dir}",
+        *common(tmp_path),
+        check=False,
     )
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == f"error: {tmp_path}/missing.txt: data file not found (check data.path)"
+    assert (
+        result.stderr.strip().splitlines()[-1]
+        == f"error: {tmp_path}/missing.txt: data file not found (check data.path)"
+    )
     assert not run_dir.exists()
     assert not (tmp_path / "cache").exists()
 
 
 def test_unknown_config_key_is_rejected(tmp_path):
-    result = run("train.py", "model.dropuot=0.1", f"hydra.run.dir={tmp_path}/run", *common(tmp_path), check=False)
+    result = run(
+        "train.py", "model.dropuot=0.1", f"hydra.run.dir={tmp_path}/run", *common(tmp_path), check=False
+    )
     assert result.returncode != 0
     assert "dropuot" in result.stderr
     assert not (tmp_path / "run").exists()

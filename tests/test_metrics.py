@@ -74,7 +74,10 @@ def test_against_brute_force_numpy(seed):
     # Rounded scores make ties common.
     scores = np.round(rng.normal(size=(users, items + 1)), 1)
     targets = rng.integers(1, items + 1, users)
-    histories = [list(rng.choice(np.arange(1, items + 1), size=rng.integers(0, 10), replace=False)) for _ in range(users)]
+    histories = [
+        list(rng.choice(np.arange(1, items + 1), size=rng.integers(0, 10), replace=False))
+        for _ in range(users)
+    ]
     width = max(len(h) for h in histories)
     exclude = torch.tensor([h + [0] * (width - len(h)) for h in histories], dtype=torch.long)
     ranks = target_ranks(torch.tensor(scores), torch.tensor(targets), exclude)
@@ -94,7 +97,9 @@ def test_exact_mean_over_uneven_batches_and_a_simulated_reduction():
     parts[1].update(ranks[3:])
     # Stand-in for an all-reduce: each process adds the other's sums and count.
     other = parts[1].compute.__self__
-    totals_other = torch.tensor([other.sums[n] for n in other.sums] + [float(other.count)], dtype=torch.float64)
+    totals_other = torch.tensor(
+        [other.sums[n] for n in other.sums] + [float(other.count)], dtype=torch.float64
+    )
     reduced = parts[0].compute(lambda t: t + totals_other)
     for name, value in whole.compute().items():
         assert reduced[name] == pytest.approx(value)

@@ -164,7 +164,9 @@ def read_movielens(path: str | os.PathLike, layout: str | None = None) -> pd.Dat
                 f"{path}: expected {len(names)} columns ({', '.join(names)}), the header has {frame.shape[1]}"
             )
         frame.columns = list(names)
-    return _typed_interactions(frame, path, {name: name for name in names}, first_data_line=2 if header else 1)
+    return _typed_interactions(
+        frame, path, {name: name for name in names}, first_data_line=2 if header else 1
+    )
 
 
 def read_interactions_file(
@@ -275,6 +277,18 @@ def _where(path: Path, position: int, first_data_line: int | None) -> str:
     return f"{path}:{position + first_data_line}"
 
 
+def _check_values(
+    bad: np.ndarray, values: pd.Series, path: Path, name: str, first_data_line, expected: str
+) -> None:
+    """Raise for the first row where `bad` is set, naming its line, column and value."""
+    if bad.any():
+        position = int(np.argmax(bad))
+        raise UserInputError(
+            f"{_where(path, position, first_data_line)}: malformed row: column {name!r} is "
+            f"{values.iloc[position]!r}, expected {expected}"
+        )
+
+
 def _id_column(values: pd.Series, path: Path, name: str, first_data_line: int | None) -> np.ndarray:
     if values.dtype.kind in "iu":
         return values.to_numpy(dtype=np.int64)
@@ -290,13 +304,7 @@ def _numeric_column(values, path: Path, name: str, first_data_line: int | None, 
         numeric = values.astype(dtype)
     else:
         numeric = pd.to_numeric(values.astype(str), errors="coerce")
-    bad = numeric.isna().to_numpy()
-    if bad.any():
-        position = int(np.argmax(bad))
-        raise UserInputError(
-            f"{_where(path, position, first_data_line)}: malformed row: column {name!r} is "
-            f"{values.iloc[position]!r}, expected a number"
-        )
+    _check_values(numeric.isna().to_numpy(), values, path, name, first_data_line, "a number")
     return numeric.to_numpy(dtype=dtype)
 
 
@@ -307,24 +315,14 @@ def _time_column(values, path: Path, name: str, first_data_line: int | None) -> 
     as_text = values.astype(str)
     numeric = pd.to_numeric(as_text, errors="coerce")
     if numeric.notna().any():  # a numeric column: every value must be a number
-        bad = numeric.isna().to_numpy()
-        if bad.any():
-            position = int(np.argmax(bad))
-            raise UserInputError(
-                f"{_where(path, position, first_data_line)}: malformed row: column {name!r} is "
-                f"{values.iloc[position]!r}, expected a number like the rows before"
-            )
+        _check_values(
+            numeric.isna().to_numpy(), values, path, name, first_data_line, "a number like the rows before"
+        )
         if (numeric == numeric.round()).all():
             return numeric.to_numpy(dtype=np.int64)
         return numeric.to_numpy(dtype=np.float64)
     parsed = pd.to_datetime(as_text, errors="coerce", utc=True, format="mixed")
-    bad = parsed.isna().to_numpy()
-    if bad.any():
-        position = int(np.argmax(bad))
-        raise UserInputError(
-            f"{_where(path, position, first_data_line)}: malformed row: column {name!r} is "
-            f"{values.iloc[position]!r}, expected a number or a date-time"
-        )
+    _check_values(parsed.isna().to_numpy(), values, path, name, first_data_line, "a number or a date-time")
     return parsed.astype("int64").to_numpy()  # nanoseconds since the epoch
 
 

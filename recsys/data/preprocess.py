@@ -114,7 +114,9 @@ class PreprocessSettings:
         }
 
 
-def preprocess(interactions: pd.DataFrame, settings: PreprocessSettings, source: str = "data") -> SequenceData:
+def preprocess(
+    interactions: pd.DataFrame, settings: PreprocessSettings, source: str = "data"
+) -> SequenceData:
     """Canonical interactions -> SequenceData (without fingerprint). `source` names it in messages."""
     frame = interactions
     stats: dict[str, Any] = {"raw_interactions": int(len(frame))}

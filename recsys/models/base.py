@@ -55,7 +55,10 @@ class SequentialRecommender(pl.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval},
+        }
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # evaluate.py refuses a checkpoint whose data differs from the data it is evaluated on.

@@ -46,7 +46,8 @@ class SASRec(SequentialRecommender):
         self.position_embedding = nn.Embedding(max_len, dim)
         self.embedding_dropout = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
-            TransformerBlock(dim, num_heads, ffn_dim or 4 * dim, dropout, pre_norm, attention_dropout) for _ in range(num_blocks)
+            TransformerBlock(dim, num_heads, ffn_dim or 4 * dim, dropout, pre_norm, attention_dropout)
+            for _ in range(num_blocks)
         )
         # Pre-norm blocks leave the residual stream un-normalised: normalise once at the end.
         self.final_norm = nn.LayerNorm(dim) if pre_norm else nn.Identity()
@@ -77,7 +78,9 @@ class SASRec(SequentialRecommender):
         hidden = self(batch["input_ids"])
         has_target = batch["target_ids"] != 0  # loss only where there is a next item
         loss = self.loss(hidden[has_target], batch["target_ids"][has_target], self.item_embedding.weight)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=int(has_target.sum()))
+        self.log(
+            "train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=int(has_target.sum())
+        )
         return loss
 
     def score(self, history: torch.Tensor) -> torch.Tensor:

@@ -51,7 +51,9 @@ class SelfAttention(nn.Module):
         self, x: torch.Tensor, is_causal: bool, key_padding_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         batch, length, dim = x.shape
-        q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = (
+            self.qkv(x).view(batch, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        )
         # A boolean mask (True = attend) forces a non-flash kernel; the causal models pass none.
         mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
         y = F.scaled_dot_product_attention(
@@ -77,7 +79,9 @@ class TransformerBlock(nn.Module):
         self.attn_norm = nn.LayerNorm(dim)
         self.attn = SelfAttention(dim, num_heads, attention_dropout)
         self.ffn_norm = nn.LayerNorm(dim)
-        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn_dim, dim))
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, ffn_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn_dim, dim)
+        )
         self.dropout = nn.Dropout(dropout)
 
     def forward(

@@ -41,7 +41,9 @@ def test_leave_one_out_split_has_no_leakage(tmp_path):
     assert train_inputs[9] == [9] and train_targets[9] == [10]
     for split, offset in (("val", 2), ("test", 1)):
         for batch in all_batches(dm.eval_dataloader(split)):
-            for user, history, target, exclude in zip(batch["user"], batch["history"], batch["target"], batch["exclude"]):
+            for user, history, target, exclude in zip(
+                batch["user"], batch["history"], batch["target"], batch["exclude"]
+            ):
                 events = data.history(int(user)).tolist()
                 assert int(target) == events[-offset]
                 assert history[history != 0].tolist() == events[:-offset]
@@ -61,7 +63,9 @@ def test_max_len_keeps_the_most_recent_items(tmp_path):
 
 
 def test_sliding_windows_cover_every_training_target(tmp_path):
-    dm = make_datamodule(tmp_path, "1 " + " ".join(str(i) for i in range(1, 21)) + "\n", max_len=4, sliding_window_step=4)
+    dm = make_datamodule(
+        tmp_path, "1 " + " ".join(str(i) for i in range(1, 21)) + "\n", max_len=4, sliding_window_step=4
+    )
     targets = []
     for batch in all_batches(dm.train_dataloader()):
         targets += batch["target_ids"][batch["target_ids"] != 0].tolist()
@@ -102,7 +106,9 @@ def test_bad_settings_name_the_key(tmp_path):
 
 
 def test_workers_give_the_same_batches(tmp_path):
-    text = "".join(f"{u} " + " ".join(str((u * 7 + i) % 40 + 1) for i in range(3 + u % 9)) + "\n" for u in range(1, 60))
+    text = "".join(
+        f"{u} " + " ".join(str((u * 7 + i) % 40 + 1) for i in range(3 + u % 9)) + "\n" for u in range(1, 60)
+    )
     plain = make_datamodule(tmp_path, text, seed=5)
     workers = make_datamodule(tmp_path, text, seed=5, num_workers=2)
     for a, b in zip(all_batches(plain.train_dataloader()), all_batches(workers.train_dataloader())):

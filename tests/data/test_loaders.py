@@ -40,7 +40,9 @@ def test_missing_and_empty_files(tmp_path, write_file):
 
 
 def test_movielens_dat(write_file):
-    path = write_file("ml/ratings.dat", "1::1193::5::978300760\n1::661::3::978302109\n2::1193::4::978298413\n")
+    path = write_file(
+        "ml/ratings.dat", "1::1193::5::978300760\n1::661::3::978302109\n2::1193::4::978298413\n"
+    )
     frame = loaders.read_movielens(path)
     assert list(frame.columns) == ["user", "item", "rating", "timestamp"]
     assert frame["item"].tolist() == [1193, 661, 1193]
@@ -56,19 +58,25 @@ def test_movielens_100k_gzipped(write_file):
 
 
 def test_movielens_csv_with_header(write_file):
-    path = write_file("latest/ratings.csv", "userId,movieId,rating,timestamp\n1,1,4.0,964982703\n1,3,4.5,964981247\n")
+    path = write_file(
+        "latest/ratings.csv", "userId,movieId,rating,timestamp\n1,1,4.0,964982703\n1,3,4.5,964981247\n"
+    )
     frame = loaders.read_movielens(path)
     assert frame["rating"].tolist() == [4.0, 4.5]
 
 
 def test_movielens_malformed_row_has_line_number(write_file):
     path = write_file("m/ratings.dat", "1::1193::5::978300760\n1::661::3\n")
-    with pytest.raises(UserInputError, match=r"ratings\.dat:2: malformed row: no value in column 'timestamp'"):
+    with pytest.raises(
+        UserInputError, match=r"ratings\.dat:2: malformed row: no value in column 'timestamp'"
+    ):
         loaders.read_movielens(path)
     path = write_file("m1/ratings.dat", "1::1193::5::978300760\n1::661::3::9::9\n")
     with pytest.raises(UserInputError, match=r"ratings\.dat: malformed row: .*line 2"):
         loaders.read_movielens(path)
-    path = write_file("m2/ratings.csv", "userId,movieId,rating,timestamp\n1,1,4.0,964982703\n1,3,abc,964981247\n")
+    path = write_file(
+        "m2/ratings.csv", "userId,movieId,rating,timestamp\n1,1,4.0,964982703\n1,3,abc,964981247\n"
+    )
     with pytest.raises(UserInputError, match=r"ratings\.csv:3: malformed row: column 'rating' is 'abc'"):
         loaders.read_movielens(path)
 
@@ -87,7 +95,9 @@ def test_interactions_csv_with_mapping_and_datetimes(write_file):
 
 
 def test_interactions_without_timestamp_use_file_order(write_file):
-    frame = loaders.read_interactions_file(write_file("e.tsv", "u\ti\n1\t5\n1\t6\n"), {"user": "u", "item": "i"}, sep="\t")
+    frame = loaders.read_interactions_file(
+        write_file("e.tsv", "u\ti\n1\t5\n1\t6\n"), {"user": "u", "item": "i"}, sep="\t"
+    )
     assert frame["timestamp"].tolist() == [0, 1]
 
 

@@ -17,7 +17,10 @@ def test_stable_time_sort_keeps_file_order_on_ties():
 
 
 def test_contiguous_item_ids_with_padding_zero():
-    data = preprocess(frame([(7, 100, 0), (7, 300, 1), (7, 200, 2), (8, 300, 0), (8, 100, 1), (8, 100, 2)]), PreprocessSettings())
+    data = preprocess(
+        frame([(7, 100, 0), (7, 300, 1), (7, 200, 2), (8, 300, 0), (8, 100, 1), (8, 100, 2)]),
+        PreprocessSettings(),
+    )
     assert data.num_items == 3
     assert data.items.min() == 1 and data.items.max() == 3
     assert data.item_ids.tolist()[1:] == [100, 200, 300]
@@ -43,7 +46,9 @@ def brute_force_kcore(rows, k_user, k_item):
 
 def test_iterative_kcore_matches_brute_force():
     rng = np.random.default_rng(0)
-    rows = [(int(u), int(i), t) for t, (u, i) in enumerate(zip(rng.integers(0, 60, 800), rng.zipf(1.5, 800) % 80))]
+    rows = [
+        (int(u), int(i), t) for t, (u, i) in enumerate(zip(rng.integers(0, 60, 800), rng.zipf(1.5, 800) % 80))
+    ]
     expected = brute_force_kcore(rows, 5, 5)
     data = preprocess(frame(rows), PreprocessSettings(min_user_interactions=5, min_item_interactions=5))
     assert len(data.items) == len(expected)
@@ -60,7 +65,9 @@ def test_single_pass_item_filter():
 
 
 def test_rating_threshold():
-    rows = pd.DataFrame({"user": [1] * 4, "item": [1, 2, 3, 4], "timestamp": [0, 1, 2, 3], "rating": [5, 1, 4, 4]})
+    rows = pd.DataFrame(
+        {"user": [1] * 4, "item": [1, 2, 3, 4], "timestamp": [0, 1, 2, 3], "rating": [5, 1, 4, 4]}
+    )
     data = preprocess(rows, PreprocessSettings(min_rating=4))
     assert data.item_ids[data.history(0)].tolist() == [1, 3, 4]
     with pytest.raises(UserInputError, match="data.min_rating: .* has no rating column"):
@@ -84,7 +91,9 @@ def test_cache_roundtrip_atomic_and_keyed_by_content(tmp_path, write_file):
     np.testing.assert_array_equal(second.items, first.items)
     assert source.read_bytes() == raw_bytes  # raw data is never modified
 
-    other = load_sequence_data("toy", "sequence", str(source), PreprocessSettings(min_item_interactions=2), cache)
+    other = load_sequence_data(
+        "toy", "sequence", str(source), PreprocessSettings(min_item_interactions=2), cache
+    )
     assert other.fingerprint != first.fingerprint
     source.write_text("1 1 2 3 4\n2 2 3 4 6\n")
     changed = load_sequence_data("toy", "sequence", str(source), PreprocessSettings(), cache)

@@ -27,7 +27,9 @@ def test_fused_attention_matches_reference(heads):
     mask = torch.tensor([[True] * 7, [True] * 3 + [False] * 4, [True] + [False] * 6])
     expected = reference_attention(q, k, v, key_padding_mask=mask)
     expected = attention.proj(expected.transpose(1, 2).reshape(3, 7, 16))
-    torch.testing.assert_close(attention(x, is_causal=False, key_padding_mask=mask), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        attention(x, is_causal=False, key_padding_mask=mask), expected, rtol=1e-5, atol=1e-6
+    )
 
 
 def test_reference_attention_gives_zeros_not_nan_for_fully_masked_rows():
