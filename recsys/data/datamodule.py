@@ -58,9 +58,13 @@ class TrainWindows(Dataset):
     def __getitem__(self, indices) -> dict[str, torch.Tensor]:
         indices = np.asarray(indices, dtype=np.int64)
         windows = gather_windows(self.items, self.starts[indices], self.ends[indices])
+        targets = windows[:, 1:]
+        # The last item of a window is only a target: padding it out of the inputs keeps every
+        # row's inputs exactly the positions that have a target, as at inference.
+        inputs = np.where(targets != 0, windows[:, :-1], 0)
         return {
-            "input_ids": torch.from_numpy(np.ascontiguousarray(windows[:, :-1])),
-            "target_ids": torch.from_numpy(np.ascontiguousarray(windows[:, 1:])),
+            "input_ids": torch.from_numpy(np.ascontiguousarray(inputs)),
+            "target_ids": torch.from_numpy(np.ascontiguousarray(targets)),
         }
 
 
@@ -210,7 +214,9 @@ class SequenceDataModule(pl.LightningDataModule):
 
     def prepare_data(self) -> None:
         # Runs on one process per node: builds the cache that setup() then reads on every rank.
-        self._load()
+        # The trainer calls it again before validate/test; data already loaded need no second look.
+        if self.data is None:
+            self._load()
 
     def setup(self, stage: str | None = None) -> None:
         if self.data is None:

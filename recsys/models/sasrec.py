@@ -32,6 +32,8 @@ class SASRec(SequentialRecommender):
         attention_dropout: float = 0.0,
         pre_norm: bool = True,
         init_std: float = 0.02,
+        positions_from_end: bool = True,
+        scale_embeddings: bool = False,
         loss: nn.Module | None = None,
         optimizer: Callable | None = None,
         scheduler: Callable | None = None,
@@ -42,6 +44,8 @@ class SASRec(SequentialRecommender):
         super().__init__(num_items, optimizer, scheduler, scheduler_interval, data_fingerprint, ks)
         self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler"])
         self.max_len = max_len
+        self.positions_from_end = positions_from_end
+        self.embedding_scale = dim**0.5 if scale_embeddings else 1.0
         self.item_embedding = nn.Embedding(num_items + 1, dim, padding_idx=0)
         self.position_embedding = nn.Embedding(max_len, dim)
         self.embedding_dropout = nn.Dropout(dropout)
@@ -67,8 +71,13 @@ class SASRec(SequentialRecommender):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Hidden states (B, L, dim) for right-padded item ids (B, L), L <= max_len."""
-        positions = torch.arange(input_ids.size(1), device=input_ids.device)
-        x = self.item_embedding(input_ids) + self.position_embedding(positions)
+        positions = torch.arange(input_ids.size(1), device=input_ids.device).expand_as(input_ids)
+        if self.positions_from_end:
+            # Position 0 is the most recent item, as in the original left-padded SASRec: the item
+            # the next one is predicted from always has the same position embedding.
+            lengths = (input_ids != 0).sum(dim=1, keepdim=True)
+            positions = (lengths - 1 - positions).clamp(min=0)
+        x = self.item_embedding(input_ids) * self.embedding_scale + self.position_embedding(positions)
         x = self.embedding_dropout(x)
         for block in self.blocks:
             x = block(x, is_causal=True)

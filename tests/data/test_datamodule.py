@@ -113,3 +113,10 @@ def test_workers_give_the_same_batches(tmp_path):
     workers = make_datamodule(tmp_path, text, seed=5, num_workers=2)
     for a, b in zip(all_batches(plain.train_dataloader()), all_batches(workers.train_dataloader())):
         assert torch.equal(a["input_ids"], b["input_ids"])
+
+
+def test_training_inputs_are_exactly_the_positions_with_a_target(tmp_path):
+    text = "1 1 2 3 4 5 6 7\n2 8 9 10 11\n3 1 5 9 2 6\n"
+    dm = make_datamodule(tmp_path, text, batch_size=3)
+    for batch in all_batches(dm.train_dataloader()):
+        assert torch.equal(batch["input_ids"] != 0, batch["target_ids"] != 0)

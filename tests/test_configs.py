@@ -1,0 +1,59 @@
+"""Every config group option composes, and instantiates into the objects train.py expects."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from recsys.data import SequenceDataModule
+from recsys.models.base import SequentialRecommender
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+OmegaConf.register_new_resolver("project_root", lambda: str(CONFIGS.parent), replace=True)
+
+
+def options(group):
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml") if p.stem != "common")
+
+
+def compose_train(*overrides):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=False)
+
+
+@pytest.mark.parametrize("data", options("data"))
+def test_every_data_config_instantiates(data):
+    overrides = [f"data={data}"]
+    if data in ("sequence_file", "interactions_file"):
+        overrides.append("data.path=/tmp/some_file")
+    cfg = compose_train(*overrides)
+    datamodule = instantiate(cfg.data)
+    assert isinstance(datamodule, SequenceDataModule)
+    assert datamodule.name == data
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_every_experiment_composes_and_builds_its_model(experiment):
+    cfg = compose_train(f"experiment={experiment}")
+    model = instantiate(cfg.model, num_items=100, data_fingerprint="x")
+    assert isinstance(model, SequentialRecommender)
+
+
+@pytest.mark.parametrize("group", ["trainer", "logger", "callbacks"])
+def test_every_option_of_the_other_groups_composes(group):
+    for option in options(group):
+        cfg = compose_train(f"{group}={option}")
+        assert group in cfg
+
+
+def test_shipped_default_data_file_exists():
+    cfg = compose_train()
+    assert cfg.data.name == "amazon_beauty"
+    assert Path(cfg.data.path).is_file()
+
+
+def test_a_misspelt_key_is_an_error():
+    with pytest.raises(Exception, match="dropuot"):
+        compose_train("model.dropuot=0.1")
