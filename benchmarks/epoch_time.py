@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=50)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--blocks", type=int, default=2)
-    parser.add_argument("--dropout", type=float, default=0.5)
+    parser.add_argument("--dropout", type=float, default=0.4)
     parser.add_argument(
         "--chunk-size", type=int, default=256, help="tokens per loss chunk; 0 = F.cross_entropy"
     )
