@@ -9,7 +9,6 @@ metrics.json and per_user.parquet into its own output directory (hydra.run.dir).
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import hydra
@@ -24,7 +23,6 @@ from recsys.errors import UserInputError
 from recsys.results import per_user_frame, write_parquet_atomic
 from recsys.runs import format_table, run_with_user_errors, write_json_atomic
 
-log = logging.getLogger("evaluate")
 OmegaConf.register_new_resolver("project_root", lambda: str(Path(__file__).resolve().parent), replace=True)
 
 

@@ -10,7 +10,6 @@ and the loggers' files.
 
 from __future__ import annotations
 
-import logging
 import statistics
 import time
 from pathlib import Path
@@ -33,7 +32,6 @@ from recsys.runs import (
     write_json_atomic,
 )
 
-log = logging.getLogger("train")
 OmegaConf.register_new_resolver("project_root", lambda: str(Path(__file__).resolve().parent), replace=True)
 
 

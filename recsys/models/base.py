@@ -46,7 +46,7 @@ class SequentialRecommender(pl.LightningModule):
 
     def score(self, history: torch.Tensor) -> torch.Tensor:
         """Scores (B, num_items + 1) of every item as the next one after right-padded `history`."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement score(history)")
 
     # --- optimisation ----------------------------------------------------------------------------
 
