@@ -20,6 +20,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import WandbLogger
 
 from recsys.callbacks import EpochTimer
 from recsys.errors import UserInputError
@@ -89,7 +90,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     if trainer.is_global_zero:
         write_json_atomic(run_dir / "metrics.json", metrics)
         for lg in loggers:
-            if hasattr(lg, "experiment") and type(lg).__name__ == "WandbLogger":
+            if isinstance(lg, WandbLogger):
                 lg.experiment.summary.update(
                     {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
                 )

@@ -39,11 +39,19 @@ def test_reference_attention_gives_zeros_not_nan_for_fully_masked_rows():
     assert out[0].abs().sum() == 0
 
 
-@pytest.mark.parametrize("pre_norm", [True, False])
-def test_causal_right_padding_needs_no_mask(pre_norm):
+@pytest.mark.parametrize("pre_norm,positions_from_end", [(True, False), (False, False), (True, True)])
+def test_causal_right_padding_needs_no_mask(pre_norm, positions_from_end):
     """Real positions of a right-padded batch equal the same sequences run one by one, unpadded."""
     torch.manual_seed(0)
-    model = SASRec(num_items=30, max_len=12, dim=16, num_blocks=2, num_heads=2, pre_norm=pre_norm).eval()
+    model = SASRec(
+        num_items=30,
+        max_len=12,
+        dim=16,
+        num_blocks=2,
+        num_heads=2,
+        pre_norm=pre_norm,
+        positions_from_end=positions_from_end,
+    ).eval()
     lengths = [12, 5, 1, 8]
     batch = right_padded_batch(lengths)
     with torch.no_grad():
