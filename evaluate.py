@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from recsys.data.datamodule import SPLITS
 from recsys.errors import UserInputError
+from recsys.models.from_config import build_model
 from recsys.results import per_user_frame, write_parquet_atomic
 from recsys.runs import format_table, run_with_user_errors, write_json_atomic
 
@@ -62,7 +63,7 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
             f"ckpt_path: {ckpt_path} was trained on other data (fingerprint {str(trained_on)[:12]}), "
             f"not on {run_cfg.data.path} ({datamodule.fingerprint[:12]})"
         )
-    model = instantiate(run_cfg.model, num_items=checkpoint["num_items"], data_fingerprint=trained_on)
+    model = build_model(run_cfg, datamodule, num_items=checkpoint["num_items"], data_fingerprint=trained_on)
     model.load_state_dict(checkpoint["state_dict"])
 
     trainer = pl.Trainer(

@@ -24,6 +24,7 @@ from pytorch_lightning.loggers import WandbLogger
 
 from recsys.callbacks import EpochTimer
 from recsys.errors import UserInputError
+from recsys.models.from_config import build_model, check_model_config
 from recsys.results import per_user_frame, write_parquet_atomic
 from recsys.runs import (
     default_wandb_mode,
@@ -41,11 +42,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         raise UserInputError(f"hydra.run.dir: {run_dir} already holds a finished run; choose a new directory")
     default_wandb_mode()
     torch.set_float32_matmul_precision(cfg.matmul_precision)
+    check_model_config(cfg)  # a bad model or loss option fails now, before the data is read
     datamodule = instantiate(cfg.data)  # reading and preprocessing are deterministic by themselves
     datamodule.prepare_data()
     datamodule.setup("fit")
     pl.seed_everything(cfg.seed, workers=True)
-    model = instantiate(cfg.model, num_items=datamodule.num_items, data_fingerprint=datamodule.fingerprint)
+    model = build_model(cfg, datamodule)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None] if cfg.logger else []
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

@@ -1,9 +1,14 @@
-"""Training losses as plain modules, chosen by config (`model.loss._target_`).
+"""Training losses as plain modules, chosen by the `loss` config group (`loss=ce|sampled_softmax|bce|gbce`).
 
 Every loss takes the hidden states at the positions that have a target, the targets, and the item
 embedding table (row 0 is padding), and returns a scalar:
 
     loss(hidden (T, d), targets (T,) in 1..num_items, item_embeddings (num_items + 1, d)) -> ()
+
+Losses that draw negatives own a seeded `NegativeSampler`, so the negatives of a run depend only on
+the loss's seed, not on how many random numbers the model's dropout used before them. A loss
+whose config has an `item_counts` key receives the training set's item counts (popularity sampling
+and logQ correction need them).
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from recsys.errors import UserInputError
 
 
 class FullCrossEntropy(nn.Module):
@@ -26,7 +33,7 @@ class FullCrossEntropy(nn.Module):
     def __init__(self, chunk_size: int | None = 256):
         super().__init__()
         if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"model.loss.chunk_size: must be >= 1 or null, got {chunk_size}")
+            raise UserInputError(f"loss.chunk_size: must be >= 1 or null, got {chunk_size}")
         self.chunk_size = chunk_size
 
     def forward(
@@ -89,33 +96,194 @@ class _ChunkedSoftmaxCrossEntropy(torch.autograd.Function):
         return grad_h.to(hidden.dtype), grad_w_t.T.to(weight.dtype), None, None
 
 
-class BinaryCrossEntropy(nn.Module):
-    """Binary cross-entropy with uniformly drawn negatives; one negative is the original SASRec.
+class NegativeSampler:
+    """Seeded draws of negative items, never equal to the positive they are drawn for.
 
-    Negatives are drawn by `uniform_negatives`, never equal to the positive.
+    `uniform`: every other item equally likely. `popularity`: items in proportion to their training
+    counts (plus one, so that no item is impossible), the positive's mass removed by redrawing the
+    few draws that hit it. The generator is created on the first call, on the targets' device, from
+    `seed`, so a run's negatives are reproducible.
     """
 
-    def __init__(self, num_negatives: int = 1):
-        super().__init__()
-        if num_negatives < 1:
-            raise ValueError(f"model.loss.num_negatives: must be >= 1, got {num_negatives}")
-        self.num_negatives = num_negatives
+    def __init__(self, distribution: str = "uniform", seed: int = 0, item_counts: torch.Tensor | None = None):
+        if distribution not in ("uniform", "popularity"):
+            raise UserInputError(
+                f"loss.sampler: {distribution!r} is not one of ['uniform', 'popularity', 'in_batch']"
+            )
+        self.distribution = distribution
+        self.seed = seed
+        self.item_counts = item_counts
+        self._generator: torch.Generator | None = None
 
-    def forward(
-        self, hidden: torch.Tensor, targets: torch.Tensor, item_embeddings: torch.Tensor
-    ) -> torch.Tensor:
-        negatives = uniform_negatives(targets, item_embeddings.size(0) - 1, self.num_negatives)
-        positive_logits = (hidden * item_embeddings[targets]).sum(-1).float()
-        negative_logits = torch.einsum("td,tnd->tn", hidden, item_embeddings[negatives]).float()
-        # -log sigmoid(pos) - sum over negatives of log(1 - sigmoid(neg)), averaged over tokens
-        return (-F.logsigmoid(positive_logits) - F.logsigmoid(-negative_logits).sum(-1)).mean()
+    def _rng(self, device: torch.device) -> torch.Generator:
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(self.seed)
+        return self._generator
+
+    def probabilities(self, num_items: int, device: torch.device) -> torch.Tensor:
+        """q(item) for items 0..num_items (0 = padding, probability 0), ignoring the exclusion."""
+        if self.distribution == "uniform":
+            q = torch.full((num_items + 1,), 1.0 / num_items, device=device)
+        else:
+            if self.item_counts is None:
+                raise UserInputError("loss.item_counts: popularity sampling and logQ need the training item counts")
+            q = self.item_counts.to(device=device, dtype=torch.float32)[: num_items + 1] + 1.0
+            q = q / q[1:].sum()
+        q[0] = 0.0
+        return q
+
+    def __call__(self, targets: torch.Tensor, num_items: int, num_negatives: int) -> torch.Tensor:
+        """(T, num_negatives) negatives in 1..num_items, none equal to its row's target."""
+        generator = self._rng(targets.device)
+        if self.distribution == "uniform":
+            return uniform_negatives(targets, num_items, num_negatives, generator)
+        q = self.probabilities(num_items, targets.device)
+        negatives = torch.multinomial(
+            q, targets.numel() * num_negatives, replacement=True, generator=generator
+        )
+        negatives = negatives.view(targets.numel(), num_negatives)
+        # Redraw the draws that hit their positive: exact sampling from q without the positive.
+        # Each round keeps a hit with probability q(positive) (a few percent at most).
+        for _ in range(100):
+            hits = negatives == targets[:, None]
+            count = int(hits.sum())
+            if count == 0:
+                return negatives
+            negatives[hits] = torch.multinomial(q, count, replacement=True, generator=generator)
+        # Only a catalogue dominated by one item gets here: fall back to uniform for the rest.
+        hits = negatives == targets[:, None]
+        rows = hits.nonzero()[:, 0]
+        negatives[hits] = uniform_negatives(targets[rows], num_items, 1, generator)[:, 0]
+        return negatives
 
 
-def uniform_negatives(targets: torch.Tensor, num_items: int, num_negatives: int) -> torch.Tensor:
+def uniform_negatives(
+    targets: torch.Tensor, num_items: int, num_negatives: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """(T, num_negatives) items drawn uniformly from 1..num_items without the target.
 
     Drawing from num_items - 1 values and shifting those at or above the target up by one keeps
     the draw uniform over the other items and never yields the target.
     """
-    negatives = torch.randint(1, num_items, (targets.size(0), num_negatives), device=targets.device)
+    negatives = torch.randint(
+        1, num_items, (targets.size(0), num_negatives), device=targets.device, generator=generator
+    )
     return negatives + (negatives >= targets[:, None]).long()
+
+
+def _check_num_negatives(num_negatives: int) -> None:
+    if not isinstance(num_negatives, int) or num_negatives < 1:
+        raise UserInputError(f"loss.num_negatives: must be an integer >= 1, got {num_negatives!r}")
+
+
+def _positive_and_negative_logits(
+    hidden: torch.Tensor, targets: torch.Tensor, item_embeddings: torch.Tensor, negatives: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 logits of each token's positive (T,) and of its own negatives (T, N)."""
+    positive = (hidden * item_embeddings[targets]).sum(-1).float()
+    negative = torch.einsum("td,tnd->tn", hidden, item_embeddings[negatives]).float()
+    return positive, negative
+
+
+class SampledSoftmax(nn.Module):
+    """Softmax cross-entropy over the positive and sampled negatives, with optional logQ correction.
+
+    sampler `uniform` / `popularity`: `num_negatives` fresh negatives per token. With
+    `logq_correction` their logits get - log(N q(item)), which makes the positive-plus-negatives
+    softmax an importance-sampled estimate of the full one (Bengio & Senecal 2008); without it the
+    loss overrates a positive against N items rather than the whole catalogue.
+
+    sampler `in_batch`: the candidates are the distinct targets of the batch (each token's positive
+    is among them exactly once). They were drawn in proportion to popularity, so with
+    `logq_correction` every candidate's logit gets - log q(item) (Yi et al., RecSys 2019).
+    `num_negatives` is then unused.
+    """
+
+    def __init__(
+        self,
+        num_negatives: int = 256,
+        sampler: str = "uniform",
+        logq_correction: bool = True,
+        seed: int = 0,
+        item_counts: torch.Tensor | None = None,
+    ):
+        super().__init__()
+        _check_num_negatives(num_negatives)
+        self.num_negatives = num_negatives
+        self.in_batch = sampler == "in_batch"
+        self.sampler = NegativeSampler("popularity" if self.in_batch else sampler, seed, item_counts)
+        self.logq_correction = logq_correction
+
+    def forward(
+        self, hidden: torch.Tensor, targets: torch.Tensor, item_embeddings: torch.Tensor
+    ) -> torch.Tensor:
+        num_items = item_embeddings.size(0) - 1
+        if self.in_batch:
+            candidates, positive_column = torch.unique(targets, return_inverse=True)
+            logits = (hidden @ item_embeddings[candidates].T).float()
+            if self.logq_correction:
+                logits = logits - self.sampler.probabilities(num_items, hidden.device)[candidates].log()
+            return F.cross_entropy(logits, positive_column)
+        negatives = self.sampler(targets, num_items, self.num_negatives)
+        positive, negative = _positive_and_negative_logits(hidden, targets, item_embeddings, negatives)
+        if self.logq_correction:
+            q = self.sampler.probabilities(num_items, hidden.device)[negatives]
+            negative = negative - (self.num_negatives * q).log()
+        logits = torch.cat([positive[:, None], negative], dim=1)
+        return F.cross_entropy(logits, torch.zeros_like(targets))
+
+
+class BinaryCrossEntropy(nn.Module):
+    """Binary cross-entropy, positive against N uniformly drawn negatives; N = 1 is the original SASRec.
+
+    Per token: -log sigmoid(s+) - sum over negatives of log(1 - sigmoid(s-)), averaged over tokens.
+    """
+
+    def __init__(self, num_negatives: int = 1, seed: int = 0):
+        super().__init__()
+        _check_num_negatives(num_negatives)
+        self.num_negatives = num_negatives
+        self.sampler = NegativeSampler("uniform", seed)
+
+    def positive_weight(self, num_items: int) -> float:
+        return 1.0
+
+    def forward(
+        self, hidden: torch.Tensor, targets: torch.Tensor, item_embeddings: torch.Tensor
+    ) -> torch.Tensor:
+        num_items = item_embeddings.size(0) - 1
+        negatives = self.sampler(targets, num_items, self.num_negatives)
+        positive, negative = _positive_and_negative_logits(hidden, targets, item_embeddings, negatives)
+        beta = self.positive_weight(num_items)
+        return (-beta * F.logsigmoid(positive) - F.logsigmoid(-negative).sum(-1)).mean()
+
+
+class GeneralisedBinaryCrossEntropy(BinaryCrossEntropy):
+    """gBCE (gSASRec, Petrov & Macdonald, RecSys 2023): BCE whose positive term is raised to beta.
+
+    Sampling N of the num_items - 1 other items (rate alpha = N / (num_items - 1)) makes BCE's
+    predicted probabilities overconfident; -log(sigmoid(s+) ** beta) with
+    beta = alpha * (t * (1 - 1/alpha) + 1/alpha) calibrates them: t = 0 is plain BCE (beta = 1),
+    t = 1 gives beta = alpha, the fully calibrated case.
+    """
+
+    def __init__(self, num_negatives: int = 256, t: float = 0.75, seed: int = 0):
+        super().__init__(num_negatives, seed)
+        if not 0.0 <= t <= 1.0:
+            raise UserInputError(f"loss.t: the calibration parameter must lie in [0, 1], got {t}")
+        self.t = t
+
+    def positive_weight(self, num_items: int) -> float:
+        alpha = self.num_negatives / max(num_items - 1, 1)
+        return alpha * (self.t * (1.0 - 1.0 / alpha) + 1.0 / alpha)
+
+
+def check_catalogue(loss: nn.Module | None, num_items: int) -> None:
+    """A loss that draws N distinct-from-the-positive negatives needs N < num_items."""
+    wanted = getattr(loss, "num_negatives", None)
+    if wanted is not None and not getattr(loss, "in_batch", False) and wanted > num_items - 1:
+        raise UserInputError(
+            f"loss.num_negatives: {wanted} negatives asked for, but the catalogue has only "
+            f"{num_items} items ({num_items - 1} besides the positive)"
+        )

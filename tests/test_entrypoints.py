@@ -167,3 +167,97 @@ def test_finished_run_directory_is_never_reused(trained_run):
     assert result.returncode == 2
     assert "already holds a finished run" in result.stderr
     assert (run_dir / "metrics.json").read_text() == before
+
+
+PRESETS = ["sasrec_ce", "sasrec_original", "sasrec_sampled", "gsasrec", "bert4rec", "gru4rec", "popular"]
+
+
+def test_every_preset_is_tested():
+    shipped = {p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml")}
+    assert shipped == set(PRESETS)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_runs_one_tiny_epoch(tmp_path, preset):
+    run_dir = tmp_path / "run"
+    run(
+        "train.py",
+        f"experiment={preset}",
+        "data=synthetic",
+        "data.synthetic.num_items=300",  # room for the presets' 256 negatives
+        "logger=none",
+        "trainer.max_epochs=1",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "~callbacks.rich_progress_bar",
+        f"hydra.run.dir={run_dir}",
+        *common(tmp_path),
+    )
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["epochs"] == 1 and 0.0 <= metrics["test/ndcg@10"] <= 1.0
+    if preset not in ("bert4rec", "popular", "sasrec_sampled"):
+        return  # the models and losses built from data (item counts, [MASK]) are the ones to re-check
+    # The checkpoint reads back through evaluate.py with the same numbers.
+    out = tmp_path / "eval"
+    run(
+        "evaluate.py", f"ckpt_path={run_dir}/checkpoints/best.ckpt", f"hydra.run.dir={out}", *common(tmp_path)
+    )
+    assert json.loads((out / "metrics.json").read_text())["test/ndcg@10"] == metrics["test/ndcg@10"]
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (
+            ["model=bert4rec", "model.mask_prob=1.0"],
+            "error: model.mask_prob: the masking probability must lie in (0, 1)",
+        ),
+        (
+            ["model=popular"],
+            "error: loss: MostPopular has nothing to train and cannot use a loss; set loss=none",
+        ),
+    ],
+)
+def test_bad_model_and_loss_options_fail_before_the_data_is_read(tmp_path, overrides, message):
+    # The data file does not exist: failing on the option instead shows it was checked first.
+    result = run(
+        "train.py",
+        "data=sequence_file",
+        f"data.path={tmp_path}/missing.txt",
+        "logger=none",
+        *overrides,
+        f"hydra.run.dir={tmp_path}/run",
+        *common(tmp_path),
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_more_negatives_than_items_is_one_line(tmp_path):
+    result = run(
+        "train.py",
+        "data=synthetic",
+        "loss=sampled_softmax",  # 256 negatives, 50 items
+        "logger=none",
+        f"hydra.run.dir={tmp_path}/run",
+        *common(tmp_path),
+        check=False,
+    )
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        "error: loss.num_negatives: 256 negatives asked for, but the catalogue has only 50 items"
+    )
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("group,option,valid", [("loss", "focal", "gbce"), ("model", "sasrec2", "bert4rec")])
+def test_unknown_loss_or_model_lists_the_valid_ones(tmp_path, group, option, valid):
+    result = run(
+        "train.py", f"{group}={option}", f"hydra.run.dir={tmp_path}/run", *common(tmp_path), check=False
+    )
+    assert result.returncode != 0
+    assert f"Could not find '{group}/{option}'" in result.stderr and valid in result.stderr
+    assert not (tmp_path / "run").exists()

@@ -2,7 +2,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from recsys.losses import BinaryCrossEntropy, FullCrossEntropy, uniform_negatives
+from recsys.errors import UserInputError
+from recsys.losses import (
+    BinaryCrossEntropy,
+    FullCrossEntropy,
+    GeneralisedBinaryCrossEntropy,
+    NegativeSampler,
+    SampledSoftmax,
+    check_catalogue,
+    uniform_negatives,
+)
 
 
 @pytest.mark.parametrize("tokens,chunk", [(1, 4), (37, 8), (64, 64), (100, 1000)])
@@ -30,22 +39,6 @@ def test_plain_cross_entropy_ignores_padding_class():
     )
 
 
-def test_bce_matches_reference_with_fixed_negatives():
-    torch.manual_seed(0)
-    hidden = torch.randn(10, 8)
-    table = torch.randn(21, 8)
-    targets = torch.randint(1, 21, (10,))
-    loss_fn = BinaryCrossEntropy(num_negatives=3)
-    torch.manual_seed(1)
-    value = loss_fn(hidden, targets, table)
-    torch.manual_seed(1)
-    negatives = uniform_negatives(targets, 20, 3)
-    pos = (hidden * table[targets]).sum(-1)
-    neg = (hidden[:, None, :] * table[negatives]).sum(-1)
-    expected = (-F.logsigmoid(pos) - F.logsigmoid(-neg).sum(-1)).mean()
-    assert value.item() == pytest.approx(expected.item(), rel=1e-5)
-
-
 def test_bce_negatives_never_hit_the_positive_and_cover_the_rest():
     num_items = 5
     targets = torch.full((20000,), 3)
@@ -54,3 +47,127 @@ def test_bce_negatives_never_hit_the_positive_and_cover_the_rest():
     counts = torch.bincount(negatives.flatten(), minlength=num_items + 1)
     assert counts[0] == 0 and counts[3] == 0
     assert (counts[[1, 2, 4, 5]] > 4500).all()  # ~5000 each: uniform over the other items
+
+
+def small_problem(tokens=12, items=20, dim=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(tokens, dim, generator=generator, requires_grad=True)
+    table = torch.randn(items + 1, dim, generator=generator, requires_grad=True)
+    targets = torch.randint(1, items + 1, (tokens,), generator=generator)
+    return hidden, table, targets
+
+
+def assert_same_value_and_grads(value, reference, inputs):
+    grads = torch.autograd.grad(value, inputs)
+    ref_grads = torch.autograd.grad(reference, inputs)
+    assert value.item() == pytest.approx(reference.item(), rel=1e-5)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def reference_negatives(seed, targets, num_items, num_negatives, distribution="uniform", counts=None):
+    """The negatives a loss with `seed` draws on its first call."""
+    return NegativeSampler(distribution, seed, counts)(targets, num_items, num_negatives)
+
+
+@pytest.mark.parametrize("num_negatives", [1, 3])
+@pytest.mark.parametrize("t", [None, 0.0, 0.5, 1.0])
+def test_bce_and_gbce_match_a_plain_computation(num_negatives, t):
+    hidden, table, targets = small_problem()
+    if t is None:
+        loss_fn, beta = BinaryCrossEntropy(num_negatives, seed=7), 1.0
+    else:
+        loss_fn = GeneralisedBinaryCrossEntropy(num_negatives, t=t, seed=7)
+        alpha = num_negatives / 19  # 20 items: 19 candidates besides the positive
+        beta = alpha * (t * (1 - 1 / alpha) + 1 / alpha)
+    negatives = reference_negatives(7, targets, 20, num_negatives)
+    pos = (hidden * table[targets]).sum(-1)
+    neg = (hidden[:, None, :] * table[negatives]).sum(-1)
+    # -log(sigmoid(pos) ** beta) - sum log(1 - sigmoid(neg)), written with probabilities
+    reference = (-(torch.sigmoid(pos) ** beta).log() - (1 - torch.sigmoid(neg)).log().sum(-1)).mean()
+    assert_same_value_and_grads(loss_fn(hidden, targets, table), reference, (hidden, table))
+
+
+def test_gbce_beta_is_one_at_t_zero_and_alpha_at_t_one():
+    assert GeneralisedBinaryCrossEntropy(4, t=0.0).positive_weight(21) == pytest.approx(1.0)
+    assert GeneralisedBinaryCrossEntropy(4, t=1.0).positive_weight(21) == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("logq", [False, True])
+@pytest.mark.parametrize("distribution", ["uniform", "popularity"])
+def test_sampled_softmax_matches_a_plain_computation(distribution, logq):
+    hidden, table, targets = small_problem()
+    counts = torch.arange(21) * 3
+    loss_fn = SampledSoftmax(5, sampler=distribution, logq_correction=logq, seed=3, item_counts=counts)
+    negatives = reference_negatives(3, targets, 20, 5, distribution, counts)
+    pos = (hidden * table[targets]).sum(-1)
+    neg = (hidden[:, None, :] * table[negatives]).sum(-1)
+    if logq:
+        if distribution == "uniform":
+            q = torch.full(negatives.shape, 1 / 20)
+        else:
+            q = (counts[negatives] + 1.0) / (counts[1:] + 1.0).sum()
+        neg = neg - (5 * q).log()
+    logits = torch.cat([pos[:, None], neg], dim=1)
+    reference = (torch.logsumexp(logits, dim=1) - pos).mean()
+    assert_same_value_and_grads(loss_fn(hidden, targets, table), reference, (hidden, table))
+
+
+@pytest.mark.parametrize("logq", [False, True])
+def test_in_batch_softmax_matches_a_plain_computation(logq):
+    hidden, table, targets = small_problem(tokens=15, items=6)  # repeated targets in the batch
+    counts = torch.tensor([0, 5, 1, 9, 2, 7, 3])
+    loss_fn = SampledSoftmax(sampler="in_batch", logq_correction=logq, item_counts=counts)
+    candidates = sorted(set(targets.tolist()))
+    q = (counts.float() + 1) / (counts[1:].float() + 1).sum()
+    terms = []
+    for row in range(len(targets)):
+        logits = torch.stack([hidden[row] @ table[c] - (q[c].log() if logq else 0) for c in candidates])
+        positive = logits[candidates.index(int(targets[row]))]
+        terms.append(torch.logsumexp(logits, 0) - positive)
+    reference = torch.stack(terms).mean()
+    assert_same_value_and_grads(loss_fn(hidden, targets, table), reference, (hidden, table))
+
+
+def test_popularity_negatives_never_hit_the_positive_and_follow_the_counts():
+    counts = torch.tensor([0, 1000, 10, 10, 100, 0])  # the target is by far the most popular item
+    targets = torch.full((4000,), 1)
+    negatives = NegativeSampler("popularity", 0, counts)(targets, 5, 5)
+    assert not (negatives == 1).any() and not (negatives == 0).any()
+    frequency = torch.bincount(negatives.flatten(), minlength=6).float() / negatives.numel()
+    # q without the positive: (counts + 1) over items 2..5 = 11, 11, 101, 1 of 124
+    expected = torch.tensor([0, 0, 11, 11, 101, 1]) / 124
+    torch.testing.assert_close(frequency, expected, atol=0.01, rtol=0)
+
+
+def test_samplers_are_seeded():
+    targets = torch.randint(1, 50, (100,))
+    first = NegativeSampler("uniform", 1)(targets, 50, 4)
+    assert torch.equal(first, NegativeSampler("uniform", 1)(targets, 50, 4))
+    assert not torch.equal(first, NegativeSampler("uniform", 2)(targets, 50, 4))
+    # The loss's draws do not depend on the global random state.
+    hidden, table, targets = small_problem()
+    torch.manual_seed(0)
+    a = BinaryCrossEntropy(2, seed=5)(hidden, targets, table)
+    torch.manual_seed(1)
+    b = BinaryCrossEntropy(2, seed=5)(hidden, targets, table)
+    assert a.item() == b.item()
+
+
+def test_bad_loss_options_are_user_errors():
+    with pytest.raises(UserInputError, match="loss.num_negatives"):
+        BinaryCrossEntropy(0)
+    with pytest.raises(UserInputError, match="loss.t"):
+        GeneralisedBinaryCrossEntropy(4, t=1.5)
+    with pytest.raises(UserInputError, match="loss.sampler.*'in_batch'"):
+        SampledSoftmax(4, sampler="zipf")
+    hidden, table, targets = small_problem()
+    with pytest.raises(UserInputError, match="loss.item_counts"):
+        SampledSoftmax(4, sampler="popularity")(hidden, targets, table)  # no counts given
+
+
+def test_more_negatives_than_the_catalogue_is_a_user_error():
+    check_catalogue(SampledSoftmax(19), num_items=20)
+    check_catalogue(SampledSoftmax(500, sampler="in_batch"), num_items=20)  # num_negatives unused
+    with pytest.raises(UserInputError, match="loss.num_negatives: 20 negatives.*only 20 items"):
+        check_catalogue(GeneralisedBinaryCrossEntropy(20), num_items=20)

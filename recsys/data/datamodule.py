@@ -252,6 +252,16 @@ class SequenceDataModule(pl.LightningDataModule):
         usable = ends - starts >= 2  # at least one (input, target) pair
         return TrainWindows(data.items, starts[usable], ends[usable])
 
+    def train_item_counts(self) -> torch.Tensor:
+        """How often each item (index = item id, 0 = padding) occurs in the training part of the
+        histories (all events but each user's last two): popularity without the held-out items."""
+        self.setup()
+        data = self.data
+        position = np.arange(len(data.items)) - np.repeat(data.offsets[:-1], np.diff(data.offsets))
+        in_train = position < np.repeat(np.diff(data.offsets) - 2, np.diff(data.offsets))
+        counts = np.bincount(data.items[in_train], minlength=data.num_items + 1)
+        return torch.from_numpy(counts.astype(np.int64))
+
     # --- loaders ---------------------------------------------------------------------------------
 
     def _loader(self, dataset: Dataset, sampler: Sampler) -> DataLoader:

@@ -3,21 +3,58 @@
 A model subclasses `SequentialRecommender`, builds its network in `__init__`, and implements
 `training_step` and `score(history) -> (B, num_items + 1)`. Validation and test then rank every item
 for every user through `recsys.metrics`, identically for all models.
+
+train.py calls `check_options(model_config, loss)` before it reads any data, so that a bad option
+(a loss the model cannot use, a probability out of range) fails in a second, not after the data has
+been preprocessed. A model with options of its own to check extends it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import pytorch_lightning as pl
 import torch
+from torch import nn
 
+from recsys.errors import UserInputError
+from recsys.losses import check_catalogue
 from recsys.metrics import DEFAULT_KS, RankingMetrics, target_ranks
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
 
+def keep_last_items(history: torch.Tensor, max_len: int) -> torch.Tensor:
+    """Each right-padded row's last `max_len` real items, still right-padded."""
+    if history.size(1) <= max_len:
+        return history
+    lengths = (history != 0).sum(dim=1, keepdim=True)
+    index = (lengths - max_len).clamp(min=0) + torch.arange(max_len, device=history.device)
+    return history.gather(1, index.clamp(max=history.size(1) - 1)) * (index < lengths)
+
+
+def last_real_position(hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """hidden (B, L, d) at each right-padded row's last real item: (B, d)."""
+    last = (input_ids != 0).sum(dim=1).clamp(min=1) - 1
+    return hidden[torch.arange(input_ids.size(0), device=input_ids.device), last]
+
+
 class SequentialRecommender(pl.LightningModule):
+    # False for models that are not trained by gradient descent (e.g. most-popular).
+    uses_loss: ClassVar[bool] = True
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any], loss: nn.Module | None) -> None:
+        """Raise UserInputError for model options that cannot work; runs before data is loaded."""
+        name = cls.__name__
+        if cls.uses_loss and loss is None:
+            raise UserInputError(
+                f"loss: {name} is trained with a loss; choose one of loss=ce|sampled_softmax|bce|gbce"
+            )
+        if not cls.uses_loss and loss is not None:
+            raise UserInputError(f"loss: {name} has nothing to train and cannot use a loss; set loss=none")
+
     def __init__(
         self,
         num_items: int,
@@ -41,6 +78,15 @@ class SequentialRecommender(pl.LightningModule):
         self.test_results: dict[str, torch.Tensor] = {}
         self._test_users: list[torch.Tensor] = []
         self._test_ranks: list[torch.Tensor] = []
+
+    def _set_loss(self, loss: nn.Module | None) -> None:
+        self.check_options({}, loss)
+        if loss is not None:
+            check_catalogue(loss, self.num_items)
+        self.loss = loss
+
+    def _log_train_loss(self, loss: torch.Tensor, tokens: int) -> None:
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=tokens)
 
     # --- the part each model provides -----------------------------------------------------------
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from recsys.losses import FullCrossEntropy
 from recsys.metrics import DEFAULT_KS
-from recsys.models.base import SequentialRecommender
+from recsys.models.base import SequentialRecommender, keep_last_items, last_real_position
 from recsys.models.transformer import TransformerBlock
 
 
@@ -55,7 +55,7 @@ class SASRec(SequentialRecommender):
         )
         # Pre-norm blocks leave the residual stream un-normalised: normalise once at the end.
         self.final_norm = nn.LayerNorm(dim) if pre_norm else nn.Identity()
-        self.loss = loss if loss is not None else FullCrossEntropy()
+        self._set_loss(loss if loss is not None else FullCrossEntropy())
         self._init_weights(init_std)
 
     def _init_weights(self, std: float) -> None:
@@ -87,18 +87,9 @@ class SASRec(SequentialRecommender):
         hidden = self(batch["input_ids"])
         has_target = batch["target_ids"] != 0  # loss only where there is a next item
         loss = self.loss(hidden[has_target], batch["target_ids"][has_target], self.item_embedding.weight)
-        self.log(
-            "train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=int(has_target.sum())
-        )
+        self._log_train_loss(loss, int(has_target.sum()))
         return loss
 
     def score(self, history: torch.Tensor) -> torch.Tensor:
-        if history.size(1) > self.max_len:
-            # Keep each row's last max_len real items, still right-padded.
-            lengths = (history != 0).sum(dim=1, keepdim=True)
-            index = (lengths - self.max_len).clamp(min=0) + torch.arange(self.max_len, device=history.device)
-            history = history.gather(1, index.clamp(max=history.size(1) - 1)) * (index < lengths)
-        hidden = self(history)
-        last = (history != 0).sum(dim=1).clamp(min=1) - 1  # right padding: last real position
-        user_state = hidden[torch.arange(history.size(0), device=history.device), last]
-        return user_state @ self.item_embedding.weight.T
+        history = keep_last_items(history, self.max_len)
+        return last_real_position(self(history), history) @ self.item_embedding.weight.T

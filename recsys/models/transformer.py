@@ -55,7 +55,12 @@ class SelfAttention(nn.Module):
             self.qkv(x).view(batch, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
         )
         # A boolean mask (True = attend) forces a non-flash kernel; the causal models pass none.
-        mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+        mask = None
+        if key_padding_mask is not None:
+            # A padding query would see no key at all and SDPA would return NaN for it; letting every
+            # query see itself avoids that and changes nothing for real queries, whose own key is real.
+            itself = torch.eye(length, dtype=torch.bool, device=x.device)
+            mask = key_padding_mask[:, None, None, :] | itself
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
         )

@@ -120,3 +120,13 @@ def test_training_inputs_are_exactly_the_positions_with_a_target(tmp_path):
     dm = make_datamodule(tmp_path, text, batch_size=3)
     for batch in all_batches(dm.train_dataloader()):
         assert torch.equal(batch["input_ids"] != 0, batch["target_ids"] != 0)
+
+
+def test_train_item_counts_leave_out_validation_and_test_items(tmp_path):
+    # Raw items map to ids in order of first appearance; user 1's 4 and 5, user 2's 8 and 1 are held out.
+    dm = make_datamodule(tmp_path, "1 1 2 2 3 4 5\n2 6 7 8 1\n")
+    counts = dm.train_item_counts()
+    data = dm.data
+    expected = {1: 1, 2: 2, 3: 1, 6: 1, 7: 1}
+    by_raw = {int(data.item_ids[i]): int(c) for i, c in enumerate(counts.tolist()) if i > 0 and c}
+    assert by_raw == expected and counts[0] == 0 and counts.sum() == 6

@@ -1,0 +1,68 @@
+"""Building a model and its loss from a run's config: shared by train.py and evaluate.py.
+
+The loss is its own config group (`loss=`), instantiated here and handed to the model. Options a
+model or loss cannot work with are caught by `check_model_config` before any data is read. Data-
+derived inputs are passed explicitly: a config with an `item_counts` key (the most-popular model,
+losses that sample by popularity or correct for it) receives the training set's item counts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hydra.errors import InstantiationException
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig
+from torch import nn
+
+from recsys.errors import UserInputError
+
+
+def _instantiate(node: DictConfig, key: str, **kwargs: Any) -> Any:
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        # A UserInputError raised by a constructor (a bad option value) is the message to show.
+        if isinstance(err.__cause__, UserInputError):
+            raise err.__cause__ from None
+        raise UserInputError(f"{key}: {str(err).splitlines()[0]}") from None
+
+
+def build_loss(loss_config: DictConfig | None, item_counts=None) -> nn.Module | None:
+    if loss_config is None:
+        return None
+    if "item_counts" in loss_config:
+        return _instantiate(loss_config, "loss", item_counts=item_counts)
+    return _instantiate(loss_config, "loss")
+
+
+def model_class(cfg: DictConfig) -> type:
+    target = cfg.model.get("_target_")
+    try:
+        return get_class(target)
+    except Exception:
+        raise UserInputError(f"model._target_: cannot import {target!r}") from None
+
+
+def check_model_config(cfg: DictConfig) -> None:
+    """Raise UserInputError for model and loss options that cannot work; reads no data."""
+    loss = build_loss(cfg.get("loss"))  # constructors check their own options
+    model_class(cfg).check_options(cfg.model, loss)
+
+
+def build_model(
+    cfg: DictConfig, datamodule, num_items: int | None = None, data_fingerprint: str | None = None
+):
+    """The model of `cfg` for the data of `datamodule` (its item count and fingerprint by default)."""
+    counts = None
+    if "item_counts" in cfg.model or (cfg.get("loss") is not None and "item_counts" in cfg.loss):
+        counts = datamodule.train_item_counts()
+    kwargs: dict[str, Any] = {
+        "num_items": datamodule.num_items if num_items is None else num_items,
+        "data_fingerprint": datamodule.fingerprint if data_fingerprint is None else data_fingerprint,
+    }
+    if "item_counts" in cfg.model:
+        kwargs["item_counts"] = counts
+    if model_class(cfg).uses_loss:
+        kwargs["loss"] = build_loss(cfg.get("loss"), counts)
+    return _instantiate(cfg.model, "model", **kwargs)

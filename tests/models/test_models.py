@@ -1,0 +1,102 @@
+"""Behaviour of the models beyond attention: masking, causality, padding, options."""
+
+import pytest
+import torch
+
+from recsys.errors import UserInputError
+from recsys.losses import BinaryCrossEntropy, FullCrossEntropy
+from recsys.models.bert4rec import BERT4Rec
+from recsys.models.gru4rec import GRU4Rec
+from recsys.models.popular import MostPopular
+from recsys.models.sasrec import SASRec
+
+
+def right_padded(rows, width):
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, : len(row)] = torch.tensor(row)
+    return ids
+
+
+def test_cloze_mask_statistics():
+    torch.manual_seed(0)
+    model = BERT4Rec(num_items=100, max_len=50, dim=16, mask_prob=0.3)
+    lengths = torch.randint(1, 51, (2000,))
+    sequences = right_padded([list(range(1, n + 1)) for n in lengths.tolist()], 50)
+    masked = model.cloze_mask(sequences)
+    real = sequences != 0
+    assert not (masked & ~real).any()  # padding is never masked
+    assert masked.any(dim=1).all()  # every row has something to predict
+    # Beyond the forced one per row, the rate is mask_prob.
+    rate = masked[lengths > 20].sum() / real[lengths > 20].sum()
+    assert rate.item() == pytest.approx(0.3, abs=0.01)
+
+
+def test_mask_last_always_hides_the_last_item():
+    torch.manual_seed(0)
+    model = BERT4Rec(num_items=30, max_len=10, dim=16, mask_prob=0.1, mask_last=True)
+    sequences = right_padded([[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]], 10)
+    masked = model.cloze_mask(sequences)
+    assert masked[0, 2] and masked[1, 5] and masked[2, 0]
+
+
+def test_bert4rec_is_bidirectional_and_scores_the_appended_mask():
+    torch.manual_seed(0)
+    model = BERT4Rec(num_items=30, max_len=8, dim=16).eval()
+    a = right_padded([[1, 2, 3, 4]], 6)
+    b = right_padded([[1, 2, 3, 5]], 6)
+    # A later item changes an earlier position's output: attention looks both ways.
+    assert not torch.allclose(model(a)[0, 0], model(b)[0, 0])
+    scores = model.score(right_padded([[1, 2, 3], [7]], 8))
+    assert scores.shape == (2, 31)  # padding + 30 items; [MASK] is not a candidate
+    assert not scores.isnan().any()
+    # Extra padding columns and longer-than-max_len histories are handled.
+    torch.testing.assert_close(model.score(right_padded([[1, 2, 3]], 3)), scores[:1])
+    long = right_padded([list(range(1, 21))], 20)
+    torch.testing.assert_close(model.score(long), model.score(right_padded([list(range(13, 21))], 8)))
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to")
+def test_bert4rec_training_step_uses_every_window_item():
+    torch.manual_seed(0)
+    model = BERT4Rec(num_items=30, max_len=4, dim=16, mask_prob=0.5)
+    batch = {
+        "input_ids": right_padded([[1, 2, 3, 4], [5, 6]], 4),
+        "target_ids": right_padded([[2, 3, 4, 9], [6, 7]], 4),
+    }
+    loss = model.training_step(batch, 0)
+    loss.backward()
+    assert torch.isfinite(loss)
+    # Item 1 is only the window's first item (in input_ids, not in target_ids): it is still seen.
+    assert model.item_embedding.weight.grad[1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("model_class", [SASRec, GRU4Rec])
+def test_causal_models_ignore_later_items_and_padding(model_class):
+    torch.manual_seed(0)
+    model = model_class(num_items=30, max_len=8, dim=16).eval()
+    a = model(right_padded([[1, 2, 3, 4]], 6))
+    b = model(right_padded([[1, 2, 3, 9]], 6))
+    torch.testing.assert_close(a[0, :3], b[0, :3])
+    scores = model.score(right_padded([[1, 2, 3]], 3))
+    torch.testing.assert_close(model.score(right_padded([[1, 2, 3]], 7)), scores)
+
+
+def test_most_popular_ranks_by_training_counts():
+    model = MostPopular(num_items=4, item_counts=torch.tensor([0, 5, 9, 1, 9]))
+    scores = model.score(torch.zeros(2, 3, dtype=torch.long))
+    assert scores.shape == (2, 5)
+    assert scores[0].argmax() != 0 and scores[0, 0] < scores[0, 3]  # padding below every item
+    assert scores[0, 2] == scores[0, 4] > scores[0, 1] > scores[0, 3]
+    with pytest.raises(UserInputError, match="cannot use a loss"):
+        MostPopular.check_options({}, FullCrossEntropy())
+
+
+def test_bad_model_options_are_user_errors():
+    for p in (0.0, 1.0, 1.5):
+        with pytest.raises(UserInputError, match="model.mask_prob"):
+            BERT4Rec.check_options({"mask_prob": p}, FullCrossEntropy())
+    with pytest.raises(UserInputError, match="loss: SASRec is trained with a loss"):
+        SASRec.check_options({}, None)
+    with pytest.raises(UserInputError, match="loss.num_negatives"):
+        GRU4Rec(num_items=5, loss=BinaryCrossEntropy(num_negatives=5))
