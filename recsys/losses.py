@@ -127,7 +127,9 @@ class NegativeSampler:
             q = torch.full((num_items + 1,), 1.0 / num_items, device=device)
         else:
             if self.item_counts is None:
-                raise UserInputError("loss.item_counts: popularity sampling and logQ need the training item counts")
+                raise UserInputError(
+                    "loss.item_counts: popularity sampling and logQ need the training item counts"
+                )
             q = self.item_counts.to(device=device, dtype=torch.float32)[: num_items + 1] + 1.0
             q = q / q[1:].sum()
         q[0] = 0.0
