@@ -1,6 +1,12 @@
-"""Evaluate a trained checkpoint on the data it was trained on.
+"""Evaluate a trained checkpoint on the data it was trained on; compare runs; tabulate runs.
 
     python evaluate.py ckpt_path=RUN/checkpoints/best.ckpt [split=val|test] [data_path=FILE]
+    python evaluate.py compare=[RUN_A,RUN_B,...] [compare_metrics=[ndcg@10,hr@10]]
+    python evaluate.py table=[RUN_A,RUN_B,...] [table_metrics=[test/ndcg@10,...]]
+
+compare: paired statistics of the runs' per-user results against the first (recsys/compare.py),
+written as comparison.md and comparison.csv. table: one row per run (recsys/tables.py), written
+as results.md, results.csv and results.tex. Each mode writes into hydra.run.dir.
 
 Rebuilds the data from the run's saved config.yaml, refuses a checkpoint whose data fingerprint
 differs from that data's, evaluates with the same code as train.py's test step, and writes
@@ -18,11 +24,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from recsys.compare import compare_runs, comparison_markdown, load_run, seed_summary
 from recsys.data.datamodule import SPLITS
 from recsys.errors import UserInputError
 from recsys.models.from_config import build_model
 from recsys.results import per_user_frame, write_parquet_atomic
-from recsys.runs import format_table, run_with_user_errors, write_json_atomic
+from recsys.runs import atomic_path, format_table, run_with_user_errors, write_json_atomic
+from recsys.tables import results_table, to_markdown, write_tables
 
 OmegaConf.register_new_resolver("project_root", lambda: str(Path(__file__).resolve().parent), replace=True)
 
@@ -101,10 +109,47 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     return summary
 
 
+def compare(cfg: DictConfig, out_dir: Path) -> dict:
+    runs = [load_run(path) for path in cfg.compare]
+    metrics = list(cfg.compare_metrics)
+    table = compare_runs(runs, metrics, cfg.confidence, cfg.bootstrap_samples, cfg.seed)
+    seeds = seed_summary(runs, metrics, cfg.confidence)
+    markdown = comparison_markdown(table, seeds, cfg.confidence)
+    with atomic_path(out_dir / "comparison.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    if len(seeds):
+        with atomic_path(out_dir / "comparison_seeds.csv") as tmp:
+            seeds.to_csv(tmp, index=False)
+    with atomic_path(out_dir / "comparison.md") as tmp:
+        tmp.write_text(markdown)
+    print(markdown + f"\nwritten to {out_dir}")
+    return {"runs": len(runs)}
+
+
+def tabulate(cfg: DictConfig, out_dir: Path) -> dict:
+    table = results_table(list(cfg.table), list(cfg.table_metrics))
+    write_tables(table, out_dir)
+    print(to_markdown(table) + f"\nwritten to {out_dir} (results.md, results.csv, results.tex)")
+    return {"runs": len(table)}
+
+
+MODES = {"ckpt_path": evaluate, "compare": compare, "table": tabulate}
+
+
 @hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    run_with_user_errors(out_dir, lambda: evaluate(cfg, out_dir))
+    chosen = [key for key in MODES if cfg.get(key)]
+
+    def run() -> dict:
+        if len(chosen) != 1:
+            raise UserInputError(
+                "evaluate.py: give exactly one of ckpt_path=CKPT, compare=[RUN,...], table=[RUN,...]"
+                + (f" (got {', '.join(chosen)})" if chosen else "")
+            )
+        return MODES[chosen[0]](cfg, out_dir)
+
+    run_with_user_errors(out_dir, run)
 
 
 if __name__ == "__main__":

@@ -117,8 +117,11 @@ class NegativeSampler:
 
     def _rng(self, device: torch.device) -> torch.Generator:
         if self._generator is None or self._generator.device != device:
+            # Under DDP each process draws its own negatives (same seed on every rank would repeat them).
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+            rank = torch.distributed.get_rank() if distributed else 0
             self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(self.seed)
+            self._generator.manual_seed(self.seed + 1_000_003 * rank)
         return self._generator
 
     def probabilities(self, num_items: int, device: torch.device) -> torch.Tensor:

@@ -261,3 +261,39 @@ def test_unknown_loss_or_model_lists_the_valid_ones(tmp_path, group, option, val
     assert result.returncode != 0
     assert f"Could not find '{group}/{option}'" in result.stderr and valid in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_compare_and_table_of_runs(trained_run):
+    tmp, run_dir, _ = trained_run
+    # evaluate.py's output of the same checkpoint: the same users, identical ranks.
+    evaluated = tmp / "eval_for_compare"
+    run(
+        "evaluate.py",
+        f"ckpt_path={run_dir}/checkpoints/best.ckpt",
+        f"hydra.run.dir={evaluated}",
+        *common(tmp),
+    )
+    out = tmp / "compare"
+    result = run(
+        "evaluate.py", f"compare=[{run_dir},{evaluated}]", "bootstrap_samples=200", f"hydra.run.dir={out}"
+    )
+    table = pd.read_csv(out / "comparison.csv")
+    assert set(table.metric) == {"ndcg@10", "hr@10", "mrr@10"}
+    assert (table["diff"].dropna() == 0).all() and (table["p_ttest"].dropna() == 1).all()
+    assert "Paired comparison" in (out / "comparison.md").read_text() and "(baseline)" in result.stdout
+    out = tmp / "table"
+    run("evaluate.py", f"table=[{run_dir}]", f"hydra.run.dir={out}")
+    assert {"results.md", "results.csv", "results.tex"} <= {p.name for p in out.iterdir()}
+    assert "SASRec" in (out / "results.md").read_text()
+
+
+def test_compare_without_per_user_results_is_one_line(tmp_path):
+    (tmp_path / "a").mkdir()
+    result = run(
+        "evaluate.py", f"compare=[{tmp_path}/a,{tmp_path}/a]", f"hydra.run.dir={tmp_path}/out", check=False
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: compare: {tmp_path}/a has no per_user.parquet (train.py and evaluate.py write it)"
+    )
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,152 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import stats
+
+from recsys.compare import (
+    compare_runs,
+    comparison_markdown,
+    holm,
+    load_run,
+    mean_interval,
+    paired_bootstrap_interval,
+    paired_t_pvalue,
+    seed_summary,
+    wilcoxon_pvalue,
+)
+from recsys.errors import UserInputError
+from recsys.metrics import metrics_from_ranks
+from recsys.tables import results_table, to_latex, to_markdown
+
+
+def write_run(path, ranks, users=None, targets=None, config=None, metrics=None):
+    path.mkdir(parents=True)
+    ranks = np.asarray(ranks)
+    users = np.arange(len(ranks)) + 100 if users is None else np.asarray(users)
+    frame = pd.DataFrame(
+        {"user_id": users, "target_item_id": targets if targets is not None else users * 2, "rank": ranks}
+    )
+    for name, values in metrics_from_ranks(torch.from_numpy(ranks), (1, 10)).items():
+        frame[name] = values.numpy()
+    frame.sample(frac=1.0, random_state=0).to_parquet(path / "per_user.parquet")  # any row order
+    if config is not None:
+        (path / "config.yaml").write_text(config)
+    if metrics is not None:
+        (path / "metrics.json").write_text(json.dumps(metrics))
+    return path
+
+
+def test_statistics_agree_with_their_definitions():
+    rng = np.random.default_rng(0)
+    a = rng.random(300)
+    b = a + rng.normal(0.02, 0.1, 300)
+    differences = b - a
+    # The paired t-test is the one-sample t-test of the differences.
+    assert paired_t_pvalue(a, b) == pytest.approx(stats.ttest_1samp(differences, 0.0).pvalue)
+    assert wilcoxon_pvalue(a, b) == pytest.approx(stats.wilcoxon(differences).pvalue)
+    mean, low, high = mean_interval(a)
+    half = stats.t.ppf(0.975, 299) * a.std(ddof=1) / np.sqrt(300)
+    assert (low, high) == pytest.approx((mean - half, mean + half))
+    # Identical runs: nothing to find, p = 1 (scipy would give NaN or raise).
+    assert paired_t_pvalue(a, a) == 1.0 and wilcoxon_pvalue(a, a) == 1.0
+
+
+def test_holm_matches_a_hand_computation():
+    # sorted 0.01, 0.02, 0.04 -> 3*0.01, max(0.03, 2*0.02), max(0.04, 1*0.04)
+    assert holm([0.04, 0.01, 0.02]) == pytest.approx([0.04, 0.03, 0.04])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+
+
+def test_paired_bootstrap_interval_covers_the_true_difference_at_the_stated_rate():
+    rng = np.random.default_rng(1)
+    true_difference, covered, trials = 0.05, 0, 300
+    for trial in range(trials):
+        # Skewed, paired per-user differences, as metric differences are.
+        differences = rng.exponential(1.0, 200) - 1.0 + true_difference
+        low, high = paired_bootstrap_interval(differences, samples=1000, seed=trial)
+        covered += low <= true_difference <= high
+    assert 0.91 <= covered / trials <= 0.98
+
+
+def test_compare_runs_pairs_users_and_orders_the_baseline_first(tmp_path):
+    rng = np.random.default_rng(0)
+    base_ranks = rng.integers(1, 40, 500)
+    better = np.maximum(1, base_ranks - rng.integers(0, 6, 500))
+    same = base_ranks.copy()
+    runs = [
+        load_run(write_run(tmp_path / "a", base_ranks)),
+        load_run(write_run(tmp_path / "b", better)),
+        load_run(write_run(tmp_path / "c", same)),
+    ]
+    table = compare_runs(runs, ["ndcg@10", "hr@1"], bootstrap_samples=500)
+    ndcg = table[table.metric == "ndcg@10"].set_index("run")
+    assert ndcg.loc["b", "diff"] > 0 and ndcg.loc["b", "diff_ci_low"] > 0 and ndcg.loc["b", "p_ttest"] < 1e-6
+    assert ndcg.loc["c", "diff"] == 0 and ndcg.loc["c", "p_ttest"] == 1.0
+    assert ndcg.loc["b", "p_holm"] >= max(ndcg.loc["b", "p_ttest"], ndcg.loc["b", "p_wilcoxon"])
+    assert np.isnan(ndcg.loc["a", "p_ttest"])  # the baseline is not tested against itself
+    text = comparison_markdown(table)
+    assert "(baseline)" in text and "| ndcg@10 | b |" in text
+
+
+def test_compare_refuses_what_it_cannot_pair(tmp_path):
+    a = load_run(write_run(tmp_path / "a", [1, 2, 3]))
+    other_users = load_run(write_run(tmp_path / "b", [1, 2, 3], users=[100, 101, 999]))
+    other_targets = load_run(write_run(tmp_path / "c", [1, 2, 3], targets=[0, 0, 0]))
+    for run in (other_users, other_targets):
+        with pytest.raises(
+            UserInputError, match=f"compare: {run.path} was evaluated on other users or targets"
+        ):
+            compare_runs([a, run])
+    with pytest.raises(UserInputError, match="compare.metrics: no metric 'ndcg@50'"):
+        compare_runs([a, a], ["ndcg@50"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserInputError, match="empty has no per_user.parquet"):
+        load_run(tmp_path / "empty")
+
+
+def test_runs_differing_only_in_seed_are_summarised_over_seeds(tmp_path):
+    config = "seed: {seed}\nmodel:\n  dim: 64\nloss:\n  seed: {seed}\npaths:\n  log_dir: /somewhere/{seed}\n"
+    runs = [
+        load_run(write_run(tmp_path / f"s{seed}", np.full(50, rank), config=config.format(seed=seed)))
+        for seed, rank in ((1, 1), (2, 3), (3, 7))
+    ]
+    runs.append(
+        load_run(write_run(tmp_path / "other", np.full(50, 2), config="seed: 1\nmodel:\n  dim: 32\n"))
+    )
+    summary = seed_summary(runs, ["hr@1", "ndcg@10"])
+    assert list(summary.seeds) == [3, 3] and summary.runs.iloc[0] == "s1, s2, s3"
+    ndcg = summary[summary.metric == "ndcg@10"].iloc[0]
+    per_seed = 1 / np.log2(np.array([1, 3, 7]) + 1)
+    assert ndcg["mean"] == pytest.approx(per_seed.mean())
+    assert ndcg["ci_high"] - ndcg["mean"] == pytest.approx(
+        stats.t.ppf(0.975, 2) * per_seed.std(ddof=1) / np.sqrt(3)
+    )
+
+
+def test_results_table_in_three_formats(tmp_path):
+    config = "seed: 3\ndata:\n  name: beauty\nmodel:\n  _target_: recsys.models.sasrec.SASRec\nloss:\n  _target_: recsys.losses.FullCrossEntropy\n"
+    metrics = {
+        "test/hr@10": 0.08,
+        "test/ndcg@10": 0.05,
+        "test/mrr@10": 0.04,
+        "val/ndcg@10": 0.06,
+        "best_epoch": 4,
+    }
+    run = write_run(tmp_path / "r1", [1], config=config, metrics=metrics)
+    table = results_table([run])
+    row = table.iloc[0]
+    assert (row["model"], row["loss"], row["data"], row["seed"]) == (
+        "SASRec",
+        "FullCrossEntropy",
+        "beauty",
+        3,
+    )
+    assert "| r1 | beauty | SASRec | FullCrossEntropy | 3 | 0.0800 |" in to_markdown(table)
+    assert "test/ndcg@10".replace("_", "\\_") in to_latex(table) and "\\bottomrule" in to_latex(table)
+    with pytest.raises(UserInputError, match="table_metrics: .* has no 'test/map@10'"):
+        results_table([run], ["test/map@10"])
+    with pytest.raises(UserInputError, match="table: .* has no metrics.json"):
+        results_table([tmp_path])
