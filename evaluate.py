@@ -28,7 +28,7 @@ from recsys.compare import compare_runs, comparison_markdown, load_run, seed_sum
 from recsys.data.datamodule import SPLITS
 from recsys.errors import UserInputError
 from recsys.models.from_config import build_model
-from recsys.results import per_user_frame, write_parquet_atomic
+from recsys.results import per_user_frame, slice_metrics, write_csv_atomic, write_parquet_atomic
 from recsys.runs import atomic_path, format_table, run_with_user_errors, write_json_atomic
 from recsys.tables import results_table, to_markdown, write_tables
 
@@ -71,7 +71,13 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
             f"ckpt_path: {ckpt_path} was trained on other data (fingerprint {str(trained_on)[:12]}), "
             f"not on {run_cfg.data.path} ({datamodule.fingerprint[:12]})"
         )
-    model = build_model(run_cfg, datamodule, num_items=checkpoint["num_items"], data_fingerprint=trained_on)
+    model = build_model(
+        run_cfg,
+        datamodule,
+        num_items=checkpoint["num_items"],
+        data_fingerprint=trained_on,
+        evaluation=cfg.evaluation,
+    )
     model.load_state_dict(checkpoint["state_dict"])
 
     trainer = pl.Trainer(
@@ -83,14 +89,20 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    results = trainer.test(model, dataloaders=datamodule.eval_dataloader(cfg.split), verbose=False)[0]
+    results = trainer.test(model, dataloaders=datamodule.eval_dataloader(cfg.split, all_users=True), verbose=False)[0]
     metrics = {
         f"{cfg.split}/{k.split('/', 1)[1]}": float(v) for k, v in results.items() if k.startswith("test/")
     }
     frame = per_user_frame(
-        datamodule.data, cfg.split, model.test_results["user"], model.test_results["rank"], model.ks
+        datamodule.data,
+        cfg.split,
+        model.test_results["user"],
+        model.test_results["rank"],
+        model.ks,
+        datamodule.train_item_counts(),
     )
     write_parquet_atomic(frame, out_dir / "per_user.parquet")
+    write_csv_atomic(slice_metrics(frame), out_dir / "slices.csv")
     summary = {
         **metrics,
         "ckpt_path": str(ckpt_path),

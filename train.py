@@ -25,7 +25,7 @@ from pytorch_lightning.loggers import WandbLogger
 from recsys.callbacks import EpochTimer
 from recsys.errors import UserInputError
 from recsys.models.from_config import build_model, check_model_config
-from recsys.results import per_user_frame, write_parquet_atomic
+from recsys.results import per_user_frame, slice_metrics, write_csv_atomic, write_parquet_atomic
 from recsys.runs import (
     default_wandb_mode,
     format_table,
@@ -71,9 +71,15 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
     if trainer.is_global_zero:
         frame = per_user_frame(
-            datamodule.data, "test", model.test_results["user"], model.test_results["rank"], model.ks
+            datamodule.data,
+            "test",
+            model.test_results["user"],
+            model.test_results["rank"],
+            model.ks,
+            datamodule.train_item_counts(),
         )
         write_parquet_atomic(frame, run_dir / "per_user.parquet")
+        write_csv_atomic(slice_metrics(frame), run_dir / "slices.csv")
     timer = next((c for c in callbacks if isinstance(c, EpochTimer)), None)
     epoch_seconds = timer.epoch_seconds if timer else []
     metrics = {

@@ -10,9 +10,20 @@ gets rank = number of candidates, i.e. ~0 NDCG, never 1. Candidates are all real
 padding) except those in the user's history; the target itself always stays a candidate, even if
 the user saw it before.
 
-From the rank r:  HR@K = [r <= K],  NDCG@K = [r <= K] / log2(r + 1),  MRR@K = [r <= K] / r.
+From the rank r:  HR@K = [r <= K],  NDCG@K = [r <= K] / log2(r + 1),  MRR@K = [r <= K] / r,
+Precision@K = HR@K / K and MAP@K = MRR@K (with one relevant item, average precision is the
+precision at its rank, 1 / r): named separately because users look for them by those names.
 
-Means are exact across batches and processes: `RankingMetrics` keeps sums and a count, and a
+Metrics of the recommended lists rather than of the target, from the same scores: catalogue
+coverage@K (share of items in anyone's top K), average recommendation popularity ARP@K (mean
+training count of the top-K items) and novelty@K (mean self-information -log2 p(item) of the
+top-K items, p = the item's share of training interactions, +1 smoothed). `ListMetrics` keeps them.
+
+Sampled ranking (the target ranked among N sampled non-seen items instead of all items) is an
+explicit opt-in for comparison with old papers, labelled with its sampler and N; it is known to
+mislead (Krichene & Rendle, KDD 2020). `sampled_target_ranks` computes it.
+
+Means are exact across batches and processes: the accumulators keep sums and a count, and a
 distributed run adds them up (never a mean of means).
 """
 
@@ -23,8 +34,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from recsys.errors import UserInputError
+
 DEFAULT_KS = (1, 5, 10, 20)
-METRIC_NAMES = ("hr", "ndcg", "mrr")
+METRIC_NAMES = ("hr", "ndcg", "mrr", "map", "precision")
+LIST_METRIC_NAMES = ("coverage", "arp", "novelty")
 
 
 def target_ranks(
@@ -39,10 +53,7 @@ def target_ranks(
     scores = scores.float()
     rows = torch.arange(scores.size(0), device=scores.device)
     target_score = scores[rows, target]
-    candidate = torch.ones_like(scores, dtype=torch.bool)
-    candidate[:, 0] = False
-    if exclude is not None and exclude.numel() > 0:
-        candidate.scatter_(1, exclude, False)
+    candidate = _candidates(scores, exclude)
     candidate[rows, target] = False  # the target is counted once, below, as "1 +"
     # NaN scores compare False both ways; count them as ranked above so that a broken model
     # cannot look good.
@@ -61,11 +72,122 @@ def metrics_from_ranks(ranks: torch.Tensor, ks: Sequence[int] = DEFAULT_KS) -> d
         out[f"hr@{k}"] = hit.to(torch.float64)
         out[f"ndcg@{k}"] = torch.where(hit, 1.0 / torch.log2(ranks + 1.0), 0.0)
         out[f"mrr@{k}"] = torch.where(hit, 1.0 / ranks, 0.0)
+        out[f"map@{k}"] = out[f"mrr@{k}"]
+        out[f"precision@{k}"] = out[f"hr@{k}"] / k
     return out
 
 
 def metric_names(ks: Sequence[int] = DEFAULT_KS) -> list[str]:
     return [f"{name}@{k}" for k in ks for name in METRIC_NAMES]
+
+
+def check_ks(ks: Sequence[int], num_items: int) -> None:
+    too_large = [k for k in ks if k > num_items]
+    if too_large or any(k < 1 for k in ks):
+        raise UserInputError(f"model.ks: each K must lie in 1..{num_items} (the catalogue), got {list(ks)}")
+
+
+def _candidates(scores: torch.Tensor, exclude: torch.Tensor | None) -> torch.Tensor:
+    candidate = torch.ones_like(scores, dtype=torch.bool)
+    candidate[:, 0] = False
+    if exclude is not None and exclude.numel() > 0:
+        candidate.scatter_(1, exclude, False)
+    return candidate
+
+
+def top_k_items(scores: torch.Tensor, exclude: torch.Tensor | None, k: int) -> torch.Tensor:
+    """(B, k) the k best-scored items per row, padding and the `exclude`d (seen) items left out."""
+    masked = scores.float().masked_fill(~_candidates(scores, exclude), -torch.inf)
+    return masked.topk(min(k, scores.size(1) - 1), dim=1).indices
+
+
+def sampled_target_ranks(scores: torch.Tensor, target: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    """1-based pessimistic rank of each target among itself and its (B, N) sampled negatives."""
+    scores = scores.float()
+    rows = torch.arange(scores.size(0), device=scores.device)
+    target_score = scores[rows, target]
+    negative_scores = scores.gather(1, negatives)
+    above = (
+        (negative_scores >= target_score[:, None]) | negative_scores.isnan() | target_score.isnan()[:, None]
+    )
+    return 1 + above.sum(dim=1)
+
+
+def sample_unseen(
+    target: torch.Tensor,
+    exclude: torch.Tensor | None,
+    num_items: int,
+    num_negatives: int,
+    generator: torch.Generator,
+    probabilities: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B, N) items drawn uniformly (or by `probabilities`), never the target or a seen item."""
+    forbidden = torch.zeros(target.size(0), num_items + 1, dtype=torch.bool, device=target.device)
+    forbidden[:, 0] = True
+    if exclude is not None and exclude.numel() > 0:
+        forbidden.scatter_(1, exclude, True)
+    forbidden[torch.arange(target.size(0), device=target.device), target] = True
+    weights = probabilities if probabilities is not None else torch.ones(num_items + 1, device=target.device)
+    weights = weights.float().clone()
+    weights[0] = 0.0
+
+    def draw(count: int) -> torch.Tensor:
+        return torch.multinomial(weights, count, replacement=True, generator=generator)
+
+    negatives = draw(target.size(0) * num_negatives).view(target.size(0), num_negatives)
+    for _ in range(1000):  # redraw forbidden ones: exact sampling from the allowed items
+        bad = forbidden.gather(1, negatives)
+        if not bad.any():
+            return negatives
+        negatives[bad] = draw(int(bad.sum()))
+    raise RuntimeError("sampled metrics: could not draw unseen negatives (history covers the catalogue?)")
+
+
+class ListMetrics:
+    """Coverage@K, ARP@K and novelty@K of the recommended top-K lists, exact across processes.
+
+    item_counts: training interaction count of every item (index 0 = padding).
+    """
+
+    def __init__(self, ks: Sequence[int], item_counts: torch.Tensor):
+        self.ks = tuple(ks)
+        counts = item_counts.to(torch.float64)
+        self.popularity = counts
+        share = (counts + 1.0) / (counts[1:].sum() + (len(counts) - 1))
+        self.self_information = -torch.log2(share)
+        self.reset()
+
+    def reset(self) -> None:
+        self.recommended = {k: torch.zeros(len(self.popularity), dtype=torch.float64) for k in self.ks}
+        self.sums = {f"{name}@{k}": 0.0 for k in self.ks for name in ("arp", "novelty")}
+        self.count = 0
+
+    def update(self, top_items: torch.Tensor) -> None:
+        """top_items: (B, >= max K) item ids, best first."""
+        top_items = top_items.cpu()
+        for k in self.ks:
+            items = top_items[:, :k]
+            self.recommended[k][items.flatten()] = 1.0
+            self.sums[f"arp@{k}"] += float(self.popularity[items].mean(dim=1).sum())
+            self.sums[f"novelty@{k}"] += float(self.self_information[items].mean(dim=1).sum())
+        self.count += top_items.size(0)
+
+    def compute(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+        names = list(self.sums)
+        totals = torch.cat(
+            [torch.tensor([self.sums[n] for n in names] + [float(self.count)], dtype=torch.float64)]
+            + [self.recommended[k] for k in self.ks]
+        )
+        if reduce_sum is not None:
+            totals = reduce_sum(totals)
+        count = float(totals[len(names)])
+        out = {name: float(totals[i]) / count if count else math.nan for i, name in enumerate(names)}
+        width = len(self.popularity)
+        for index, k in enumerate(self.ks):
+            begin = len(names) + 1 + index * width
+            seen = totals[begin + 1 : begin + width] > 0  # items 1..num_items
+            out[f"coverage@{k}"] = float(seen.sum()) / (width - 1)
+        return out
 
 
 class RankingMetrics:

@@ -1,4 +1,10 @@
-"""Per-user results: one row per evaluated user, with raw ids, the target's rank and every metric."""
+"""Per-user results and the slices made of them.
+
+`per_user.parquet`: one row per evaluated user with the raw user id, the raw target item id, the
+target's 1-based rank after exclusion, every metric, and what slices are cut by: the length of the
+history before the target and the target's training count. `slices.csv`: the mean metrics by
+history-length bucket and by target-popularity bucket, with the user count of each bucket.
+"""
 
 from __future__ import annotations
 
@@ -12,27 +18,77 @@ from recsys.data.preprocess import SequenceData
 from recsys.metrics import metrics_from_ranks
 from recsys.runs import atomic_path
 
+# Left-closed bucket edges; the last bucket is open-ended.
+HISTORY_LENGTH_EDGES = (1, 3, 5, 10, 20, 50, 200)
+TARGET_COUNT_EDGES = (0, 1, 5, 20, 100, 500)
+
 
 def per_user_frame(
-    data: SequenceData, split: str, users: torch.Tensor, ranks: torch.Tensor, ks
+    data: SequenceData,
+    split: str,
+    users: torch.Tensor,
+    ranks: torch.Tensor,
+    ks,
+    item_counts: torch.Tensor | None = None,
 ) -> pd.DataFrame:
     users_np = users.numpy().astype(np.int64)
     order = np.argsort(users_np, kind="stable")
     users_np = users_np[order]
     ranks = ranks[torch.from_numpy(order)]
     target_pos = data.offsets[users_np + 1] - (2 if split == "val" else 1)
+    target_items = data.items[target_pos]
     frame = pd.DataFrame(
         {
             "user_id": data.user_ids[users_np],
-            "target_item_id": data.item_ids[data.items[target_pos]],
+            "target_item_id": data.item_ids[target_items],
             "rank": ranks.numpy().astype(np.int64),
+            "history_length": target_pos - data.offsets[users_np],
         }
     )
+    if item_counts is not None:
+        frame["target_train_count"] = item_counts.numpy()[target_items]
     for name, values in metrics_from_ranks(ranks, ks).items():
         frame[name] = values.numpy()
     return frame
 
 
+def _bucket_labels(edges) -> list[str]:
+    labels = []
+    for low, high in zip(edges, (*edges[1:], None)):
+        if high is None:
+            labels.append(f"{low}+")
+        elif high - low == 1:
+            labels.append(str(low))
+        else:
+            labels.append(f"{low}-{high - 1}")
+    return labels
+
+
+def slice_metrics(frame: pd.DataFrame, metrics=("hr@10", "ndcg@10", "mrr@10")) -> pd.DataFrame:
+    """Mean metrics per history-length bucket and per target-popularity bucket."""
+    slices = [("history_length", HISTORY_LENGTH_EDGES)]
+    if "target_train_count" in frame.columns:
+        slices.append(("target_train_count", TARGET_COUNT_EDGES))
+    present = [m for m in metrics if m in frame.columns]
+    rows = []
+    for column, edges in slices:
+        labels = _bucket_labels(edges)
+        index = np.searchsorted(np.asarray(edges), frame[column].to_numpy(), side="right") - 1
+        for bucket, label in enumerate(labels):
+            members = frame[index == bucket]
+            if len(members) == 0:
+                continue
+            row = {"slice": column, "bucket": label, "users": len(members)}
+            row.update({m: float(members[m].mean()) for m in present})
+            rows.append(row)
+    return pd.DataFrame(rows, columns=["slice", "bucket", "users", *present])
+
+
 def write_parquet_atomic(frame: pd.DataFrame, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         frame.to_parquet(tmp, index=False)
+
+
+def write_csv_atomic(frame: pd.DataFrame, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)

@@ -4,7 +4,17 @@ import numpy as np
 import pytest
 import torch
 
-from recsys.metrics import RankingMetrics, metrics_from_ranks, target_ranks
+from recsys.errors import UserInputError
+from recsys.metrics import (
+    ListMetrics,
+    RankingMetrics,
+    metrics_from_ranks,
+    sample_unseen,
+    sampled_target_ranks,
+    target_ranks,
+    top_k_items,
+)
+from recsys.models.sasrec import SASRec
 
 
 def scores_from(rows):
@@ -104,3 +114,88 @@ def test_exact_mean_over_uneven_batches_and_a_simulated_reduction():
     for name, value in whole.compute().items():
         assert reduced[name] == pytest.approx(value)
     assert whole.compute()["hr@1"] == pytest.approx(2 / 7)  # not a mean of batch means
+
+
+def test_precision_and_map_from_the_rank():
+    values = metrics_from_ranks(torch.tensor([1, 4, 12]), ks=(5,))
+    assert values["precision@5"].tolist() == pytest.approx([0.2, 0.2, 0.0])
+    assert values["map@5"].tolist() == pytest.approx([1.0, 0.25, 0.0])  # one relevant item: 1 / rank
+
+
+def test_metrics_agree_with_trec_eval_on_random_rankings():
+    pytrec_eval = pytest.importorskip("pytrec_eval")
+    generator = torch.Generator().manual_seed(0)
+    num_users, num_items = 300, 60
+    scores = torch.rand(num_users, num_items + 1, generator=generator)  # continuous: no ties
+    target = torch.randint(1, num_items + 1, (num_users,), generator=generator)
+    exclude = torch.randint(1, num_items + 1, (num_users, 5), generator=generator)
+    exclude = torch.where(exclude == target[:, None], 0, exclude)  # the target is never excluded here
+    ours = metrics_from_ranks(target_ranks(scores, target, exclude), ks=(5, 10))
+    # trec_eval gets each user's ranked list with the seen items already removed.
+    run, qrels = {}, {}
+    for u in range(num_users):
+        items = top_k_items(scores[u : u + 1], exclude[u : u + 1], num_items)[0].tolist()
+        run[str(u)] = {str(i): float(len(items) - pos) for pos, i in enumerate(items)}
+        qrels[str(u)] = {str(int(target[u])): 1}
+    evaluator = pytrec_eval.RelevanceEvaluator(
+        qrels, {"ndcg_cut.5,10", "P.5,10", "map_cut.5,10", "recall.5,10"}
+    )
+    theirs = evaluator.evaluate(run)
+    for k in (5, 10):
+        for ours_name, trec_name in (
+            ("ndcg", "ndcg_cut"),
+            ("precision", "P"),
+            ("map", "map_cut"),
+            ("hr", "recall"),
+        ):
+            expected = [theirs[str(u)][f"{trec_name}_{k}"] for u in range(num_users)]
+            assert ours[f"{ours_name}@{k}"].tolist() == pytest.approx(expected, abs=1e-6), (ours_name, k)
+
+
+def test_top_k_lists_leave_out_padding_and_seen_items():
+    scores = scores_from([[0.1, 0.9, 0.5, 0.3], [0.4, 0.3, 0.2, 0.1]])
+    top = top_k_items(scores, torch.tensor([[2, 0], [1, 3]]), 2)
+    assert top.tolist() == [[3, 4], [2, 4]]
+
+
+def test_list_metrics_by_hand_and_exact_across_processes():
+    counts = torch.tensor([0, 10, 5, 1, 0])  # items 1..4; 16 training interactions
+    top = torch.tensor([[1, 2], [1, 3], [2, 1]])
+    whole = ListMetrics((1, 2), counts)
+    whole.update(top)
+    result = whole.compute()
+    assert result["coverage@1"] == pytest.approx(2 / 4)  # items 1 and 2
+    assert result["coverage@2"] == pytest.approx(3 / 4)
+    assert result["arp@1"] == pytest.approx((10 + 10 + 5) / 3)
+    assert result["arp@2"] == pytest.approx((7.5 + 5.5 + 7.5) / 3)
+    info = -np.log2((counts.numpy() + 1) / (16 + 4))
+    assert result["novelty@1"] == pytest.approx((info[1] + info[1] + info[2]) / 3)
+    # Two "processes" with half the users each, their totals added by the reduce hook: the same numbers.
+    parts = [ListMetrics((1, 2), counts), ListMetrics((1, 2), counts)]
+    parts[0].update(top[:1])
+    parts[1].update(top[1:])
+    first_totals = []
+    parts[0].compute(lambda totals: first_totals.append(totals) or totals)
+    assert parts[1].compute(lambda totals: totals + first_totals[0]) == pytest.approx(result)
+
+
+def test_sampled_ranks_draw_only_unseen_items_and_are_seeded():
+    target = torch.tensor([3, 5])
+    exclude = torch.tensor([[1, 2, 0], [4, 0, 0]])
+    draws = [
+        sample_unseen(target, exclude, 8, 200, torch.Generator().manual_seed(seed)) for seed in (1, 1, 2)
+    ]
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+    negatives = draws[0]
+    assert not torch.isin(negatives[0], torch.tensor([0, 1, 2, 3])).any()
+    assert not torch.isin(negatives[1], torch.tensor([0, 4, 5])).any()
+    scores = torch.arange(9, dtype=torch.float32).expand(2, 9)  # item i scores i
+    ranks = sampled_target_ranks(scores, target, torch.tensor([[4, 6, 1], [2, 5, 7]]))
+    assert ranks.tolist() == [3, 3]  # 3 < 4, 6; and 5 ties with 5 (pessimistic), below 7
+
+
+def test_k_larger_than_the_catalogue_is_a_user_error():
+    with pytest.raises(
+        UserInputError, match=r"model.ks: each K must lie in 1..5 \(the catalogue\), got \[1, 10\]"
+    ):
+        SASRec(num_items=5, ks=(1, 10))

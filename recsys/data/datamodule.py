@@ -171,6 +171,7 @@ class SequenceDataModule(pl.LightningDataModule):
         sliding_window_step: int | None = None,
         batch_size: int = 128,
         eval_batch_size: int = 256,
+        val_users: int | None = None,
         length_bucketing: bool = True,
         num_workers: int = 0,
         pin_memory: bool | None = None,
@@ -180,6 +181,8 @@ class SequenceDataModule(pl.LightningDataModule):
         super().__init__()
         if max_len < 1:
             raise UserInputError(f"data.max_len: must be >= 1, got {max_len}")
+        if val_users is not None and val_users < 1:
+            raise UserInputError(f"data.val_users: must be >= 1 or null, got {val_users}")
         if sliding_window_step is not None and sliding_window_step < 1:
             raise UserInputError(f"data.sliding_window_step: must be >= 1 or null, got {sliding_window_step}")
         self.name = name
@@ -200,6 +203,7 @@ class SequenceDataModule(pl.LightningDataModule):
         self.sliding_window_step = sliding_window_step
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
+        self.val_users = val_users
         self.length_bucketing = length_bucketing
         self.num_workers = num_workers
         self.pin_memory = pin_memory
@@ -290,9 +294,20 @@ class SequenceDataModule(pl.LightningDataModule):
         sampler.set_epoch(epoch)
         return self._loader(windows, sampler)
 
-    def eval_dataloader(self, split: str) -> DataLoader:
+    def validation_users(self) -> np.ndarray | None:
+        """The fixed, seeded subset of users validated on when data.val_users is set (else None)."""
         self.setup()
-        users = EvalUsers(self.data, split, self.max_len)
+        if self.val_users is None or self.val_users >= self.data.num_users:
+            return None
+        rng = np.random.default_rng([self.seed, 1])  # independent of the training order's stream
+        return np.sort(rng.choice(self.data.num_users, self.val_users, replace=False))
+
+    def eval_dataloader(self, split: str, all_users: bool = False) -> DataLoader:
+        """Batches of (user, history, target, exclude). Validation during training uses the
+        data.val_users subset if set; test, and `all_users=True`, always use every user."""
+        self.setup()
+        subset = self.validation_users() if split == "val" and not all_users else None
+        users = EvalUsers(self.data, split, self.max_len, users=subset)
         sampler = LengthBucketBatchSampler(
             np.zeros(len(users)), self.eval_batch_size, shuffle=False, bucketing=False
         )

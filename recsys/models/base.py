@@ -20,7 +20,16 @@ from torch import nn
 
 from recsys.errors import UserInputError
 from recsys.losses import check_catalogue
-from recsys.metrics import DEFAULT_KS, RankingMetrics, target_ranks
+from recsys.metrics import (
+    DEFAULT_KS,
+    ListMetrics,
+    RankingMetrics,
+    check_ks,
+    sample_unseen,
+    sampled_target_ranks,
+    target_ranks,
+    top_k_items,
+)
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
@@ -73,8 +82,13 @@ class SequentialRecommender(pl.LightningModule):
         self.scheduler_interval = scheduler_interval
         self.data_fingerprint = data_fingerprint
         self.ks = tuple(ks)
+        check_ks(self.ks, num_items)
         self.val_metrics = RankingMetrics(self.ks)
         self.test_metrics = RankingMetrics(self.ks)
+        # Set by configure_evaluation (train.py / evaluate.py); tests of the model need neither.
+        self.list_metrics: ListMetrics | None = None
+        self.sampled_evaluation: dict | None = None
+        self.sampled_metrics = RankingMetrics(self.ks)
         self.test_results: dict[str, torch.Tensor] = {}
         self._test_users: list[torch.Tensor] = []
         self._test_ranks: list[torch.Tensor] = []
@@ -113,6 +127,45 @@ class SequentialRecommender(pl.LightningModule):
 
     # --- evaluation ------------------------------------------------------------------------------
 
+    def configure_evaluation(
+        self, item_counts: torch.Tensor | None = None, sampled: dict | None = None
+    ) -> None:
+        """What the test pass measures besides the full-ranking metrics of the target.
+
+        item_counts: training counts of the items, for coverage, ARP and novelty of the top-K lists.
+        sampled: {num_negatives, sampler: uniform|popularity, seed} to also rank the target among
+        sampled unseen items, reported as test/sampled_<sampler>_<N>/<metric> (opt-in, see metrics.py).
+        """
+        self.list_metrics = ListMetrics(self.ks, item_counts) if item_counts is not None else None
+        if sampled:
+            sampler = sampled.get("sampler", "uniform")
+            if sampler not in ("uniform", "popularity"):
+                raise UserInputError(
+                    f"evaluation.sampled.sampler: {sampler!r} is not one of ['uniform', 'popularity']"
+                )
+            if sampler == "popularity" and item_counts is None:
+                raise UserInputError(
+                    "evaluation.sampled.sampler: popularity sampling needs the training item counts"
+                )
+            num_negatives = int(sampled.get("num_negatives", 100))
+            if not 1 <= num_negatives < self.num_items:
+                raise UserInputError(
+                    f"evaluation.sampled.num_negatives: must lie in 1..{self.num_items - 1}, got {num_negatives}"
+                )
+            self.sampled_evaluation = {
+                "num_negatives": num_negatives,
+                "sampler": sampler,
+                "seed": int(sampled.get("seed", 0)),
+                "probabilities": item_counts.float() + 1.0 if sampler == "popularity" else None,
+            }
+        else:
+            self.sampled_evaluation = None
+
+    @property
+    def sampled_label(self) -> str | None:
+        s = self.sampled_evaluation
+        return None if s is None else f"sampled_{s['sampler']}_{s['num_negatives']}"
+
     def _ranks(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return target_ranks(self.score(batch["history"]), batch["target"], batch["exclude"])
 
@@ -134,15 +187,42 @@ class SequentialRecommender(pl.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self.test_metrics.reset()
+        self.sampled_metrics.reset()
+        if self.list_metrics is not None:
+            self.list_metrics.reset()
         self._test_users, self._test_ranks = [], []
+        self._sampling_generator = None  # re-seeded each pass: the same negatives every time
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        ranks = self._ranks(batch)
+        scores = self.score(batch["history"])
+        ranks = target_ranks(scores, batch["target"], batch["exclude"])
         self.test_metrics.update(ranks)
+        if self.list_metrics is not None:
+            self.list_metrics.update(top_k_items(scores, batch["exclude"], max(self.ks)))
+        if self.sampled_evaluation is not None:
+            settings = self.sampled_evaluation
+            if self._sampling_generator is None:
+                self._sampling_generator = torch.Generator(device=scores.device)
+                self._sampling_generator.manual_seed(settings["seed"])
+            probabilities = settings["probabilities"]
+            negatives = sample_unseen(
+                batch["target"],
+                batch["exclude"],
+                self.num_items,
+                settings["num_negatives"],
+                self._sampling_generator,
+                None if probabilities is None else probabilities.to(scores.device),
+            )
+            self.sampled_metrics.update(sampled_target_ranks(scores, batch["target"], negatives))
         self._test_users.append(batch["user"].cpu())
         self._test_ranks.append(ranks.cpu())
 
     def on_test_epoch_end(self) -> None:
         results = self.test_metrics.compute(self._reduce_sum)
+        if self.list_metrics is not None:
+            results.update(self.list_metrics.compute(self._reduce_sum))
+        if self.sampled_evaluation is not None:
+            sampled = self.sampled_metrics.compute(self._reduce_sum)
+            results.update({f"{self.sampled_label}/{name}": value for name, value in sampled.items()})
         self.log_dict({f"test/{name}": value for name, value in results.items()}, sync_dist=False)
         self.test_results = {"user": torch.cat(self._test_users), "rank": torch.cat(self._test_ranks)}

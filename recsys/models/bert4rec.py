@@ -22,7 +22,7 @@ from recsys.errors import UserInputError
 from recsys.losses import FullCrossEntropy
 from recsys.metrics import DEFAULT_KS
 from recsys.models.base import SequentialRecommender, keep_last_items
-from recsys.models.transformer import TransformerBlock
+from recsys.models.transformer import TransformerBlock, init_weights
 
 
 class BERT4Rec(SequentialRecommender):
@@ -49,6 +49,7 @@ class BERT4Rec(SequentialRecommender):
         init_std: float = 0.02,
         mask_prob: float = 0.2,
         mask_last: bool = False,
+        scale_embeddings: bool = True,
         loss: nn.Module | None = None,
         optimizer: Callable | None = None,
         scheduler: Callable | None = None,
@@ -63,6 +64,9 @@ class BERT4Rec(SequentialRecommender):
         self.mask_prob = mask_prob
         self.mask_last = mask_last
         self.mask_id = num_items + 1
+        # As in SASRec: item embeddings times sqrt(dim), so that with init std 0.02 item identity
+        # outweighs the position signal in the sum.
+        self.embedding_scale = dim**0.5 if scale_embeddings else 1.0
         self.item_embedding = nn.Embedding(num_items + 2, dim, padding_idx=0)
         # max_len history items plus the [MASK] appended at inference.
         self.position_embedding = nn.Embedding(max_len + 1, dim)
@@ -74,13 +78,7 @@ class BERT4Rec(SequentialRecommender):
         )
         self.final_norm = nn.LayerNorm(dim) if pre_norm else nn.Identity()
         self._set_loss(loss if loss is not None else FullCrossEntropy())
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=init_std)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-        with torch.no_grad():
-            self.item_embedding.weight[0].zero_()
+        init_weights(self, init_std)
 
     @property
     def catalogue_embeddings(self) -> torch.Tensor:
@@ -90,7 +88,7 @@ class BERT4Rec(SequentialRecommender):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Hidden states (B, L, dim) for right-padded ids (B, L) that may contain [MASK], L <= max_len + 1."""
         positions = torch.arange(input_ids.size(1), device=input_ids.device)
-        x = self.item_embedding(input_ids) + self.position_embedding(positions)
+        x = self.item_embedding(input_ids) * self.embedding_scale + self.position_embedding(positions)
         x = self.embedding_dropout(self.embedding_norm(x))
         real = input_ids != 0
         for block in self.blocks:

@@ -51,12 +51,15 @@ def check_model_config(cfg: DictConfig) -> None:
 
 
 def build_model(
-    cfg: DictConfig, datamodule, num_items: int | None = None, data_fingerprint: str | None = None
+    cfg: DictConfig,
+    datamodule,
+    num_items: int | None = None,
+    data_fingerprint: str | None = None,
+    evaluation: DictConfig | None = None,
 ):
-    """The model of `cfg` for the data of `datamodule` (its item count and fingerprint by default)."""
-    counts = None
-    if "item_counts" in cfg.model or (cfg.get("loss") is not None and "item_counts" in cfg.loss):
-        counts = datamodule.train_item_counts()
+    """The model of `cfg` for the data of `datamodule` (its item count and fingerprint by default),
+    set up to evaluate as `evaluation` says (`cfg.evaluation` by default)."""
+    counts = datamodule.train_item_counts()
     kwargs: dict[str, Any] = {
         "num_items": datamodule.num_items if num_items is None else num_items,
         "data_fingerprint": datamodule.fingerprint if data_fingerprint is None else data_fingerprint,
@@ -65,4 +68,8 @@ def build_model(
         kwargs["item_counts"] = counts
     if model_class(cfg).uses_loss:
         kwargs["loss"] = build_loss(cfg.get("loss"), counts)
-    return _instantiate(cfg.model, "model", **kwargs)
+    model = _instantiate(cfg.model, "model", **kwargs)
+    evaluation = cfg.get("evaluation") if evaluation is None else evaluation
+    sampled = evaluation.get("sampled") if evaluation is not None else None
+    model.configure_evaluation(item_counts=counts, sampled=dict(sampled) if sampled else None)
+    return model

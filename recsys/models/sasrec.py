@@ -16,7 +16,7 @@ from torch import nn
 from recsys.losses import FullCrossEntropy
 from recsys.metrics import DEFAULT_KS
 from recsys.models.base import SequentialRecommender, keep_last_items, last_real_position
-from recsys.models.transformer import TransformerBlock
+from recsys.models.transformer import TransformerBlock, init_weights
 
 
 class SASRec(SequentialRecommender):
@@ -56,18 +56,7 @@ class SASRec(SequentialRecommender):
         # Pre-norm blocks leave the residual stream un-normalised: normalise once at the end.
         self.final_norm = nn.LayerNorm(dim) if pre_norm else nn.Identity()
         self._set_loss(loss if loss is not None else FullCrossEntropy())
-        self._init_weights(init_std)
-
-    def _init_weights(self, std: float) -> None:
-        # With tied input/output embeddings, nn.Embedding's default N(0, 1) stalls learning;
-        # a small std does not (see PROTOCOL.md).
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=std)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-        with torch.no_grad():
-            self.item_embedding.weight[0].zero_()
+        init_weights(self, init_std)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Hidden states (B, L, dim) for right-padded item ids (B, L), L <= max_len."""

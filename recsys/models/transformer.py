@@ -97,3 +97,19 @@ class TransformerBlock(nn.Module):
             return x + self.dropout(self.ffn(self.ffn_norm(x)))
         x = self.attn_norm(x + self.dropout(self.attn(x, is_causal, key_padding_mask)))
         return self.ffn_norm(x + self.dropout(self.ffn(x)))
+
+
+def init_weights(model: nn.Module, std: float) -> None:
+    """N(0, std) for every linear and embedding weight, zero biases, a zero padding embedding.
+
+    With input and output item embeddings tied, nn.Embedding's default N(0, 1) stalls learning; a
+    small std does not (see PROTOCOL.md). Row 0 of each embedding is the padding id.
+    """
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()

@@ -130,3 +130,20 @@ def test_train_item_counts_leave_out_validation_and_test_items(tmp_path):
     expected = {1: 1, 2: 2, 3: 1, 6: 1, 7: 1}
     by_raw = {int(data.item_ids[i]): int(c) for i, c in enumerate(counts.tolist()) if i > 0 and c}
     assert by_raw == expected and counts[0] == 0 and counts.sum() == 6
+
+
+def test_validation_can_use_a_fixed_subset_but_test_uses_everyone(tmp_path):
+    text = "".join(f"{u} " + " ".join(str(u * 10 + i) for i in range(4)) + "\n" for u in range(1, 41))
+    dm = make_datamodule(tmp_path, text, val_users=7, seed=3)
+    val_users = np.concatenate([b["user"].numpy() for b in dm.eval_dataloader("val")])
+    again = np.concatenate(
+        [
+            b["user"].numpy()
+            for b in make_datamodule(tmp_path, text, val_users=7, seed=3).eval_dataloader("val")
+        ]
+    )
+    assert len(val_users) == 7 and np.array_equal(val_users, again)
+    assert len(np.concatenate([b["user"].numpy() for b in dm.eval_dataloader("test")])) == 40
+    assert len(np.concatenate([b["user"].numpy() for b in dm.eval_dataloader("val", all_users=True)])) == 40
+    with pytest.raises(UserInputError, match="data.val_users"):
+        make_datamodule(tmp_path, text, val_users=0)

@@ -83,7 +83,7 @@ def test_causal_models_ignore_later_items_and_padding(model_class):
 
 
 def test_most_popular_ranks_by_training_counts():
-    model = MostPopular(num_items=4, item_counts=torch.tensor([0, 5, 9, 1, 9]))
+    model = MostPopular(num_items=4, item_counts=torch.tensor([0, 5, 9, 1, 9]), ks=(1, 2))
     scores = model.score(torch.zeros(2, 3, dtype=torch.long))
     assert scores.shape == (2, 5)
     assert scores[0].argmax() != 0 and scores[0, 0] < scores[0, 3]  # padding below every item
@@ -99,4 +99,4 @@ def test_bad_model_options_are_user_errors():
     with pytest.raises(UserInputError, match="loss: SASRec is trained with a loss"):
         SASRec.check_options({}, None)
     with pytest.raises(UserInputError, match="loss.num_negatives"):
-        GRU4Rec(num_items=5, loss=BinaryCrossEntropy(num_negatives=5))
+        GRU4Rec(num_items=5, ks=(1, 5), loss=BinaryCrossEntropy(num_negatives=5))
