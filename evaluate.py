@@ -89,7 +89,9 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    results = trainer.test(model, dataloaders=datamodule.eval_dataloader(cfg.split, all_users=True), verbose=False)[0]
+    results = trainer.test(
+        model, dataloaders=datamodule.eval_dataloader(cfg.split, all_users=True), verbose=False
+    )[0]
     metrics = {
         f"{cfg.split}/{k.split('/', 1)[1]}": float(v) for k, v in results.items() if k.startswith("test/")
     }
