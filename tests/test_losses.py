@@ -77,7 +77,7 @@ def test_bce_and_gbce_match_a_plain_computation(num_negatives, t):
     if t is None:
         loss_fn, beta = BinaryCrossEntropy(num_negatives, seed=7), 1.0
     else:
-        loss_fn = GeneralisedBinaryCrossEntropy(num_negatives, t=t, seed=7)
+        loss_fn = GeneralisedBinaryCrossEntropy(num_negatives, t=t, seed=7, logit_bias=False)
         alpha = num_negatives / 19  # 20 items: 19 candidates besides the positive
         beta = alpha * (t * (1 - 1 / alpha) + 1 / alpha)
     negatives = reference_negatives(7, targets, 20, num_negatives)
@@ -171,3 +171,24 @@ def test_more_negatives_than_the_catalogue_is_a_user_error():
     check_catalogue(SampledSoftmax(500, sampler="in_batch"), num_items=20)  # num_negatives unused
     with pytest.raises(UserInputError, match="loss.num_negatives: 20 negatives.*only 20 items"):
         check_catalogue(GeneralisedBinaryCrossEntropy(20), num_items=20)
+
+
+def test_logit_bias_starts_at_the_best_constant_score_and_is_learned():
+    hidden, table, targets = small_problem()
+    loss_fn = GeneralisedBinaryCrossEntropy(4, t=0.5, seed=7)  # logit_bias on by default for gBCE
+    beta = loss_fn.positive_weight(20)
+    shift = torch.log(torch.tensor(beta / 4))
+    negatives = reference_negatives(7, targets, 20, 4)
+    pos = (hidden * table[targets]).sum(-1) + shift
+    neg = (hidden[:, None, :] * table[negatives]).sum(-1) + shift
+    reference = (-beta * F.logsigmoid(pos) - F.logsigmoid(-neg).sum(-1)).mean()
+    value = loss_fn(hidden, targets, table)
+    assert value.item() == pytest.approx(reference.item(), rel=1e-5)
+    value.backward()
+    assert loss_fn.logit_bias.grad is not None and loss_fn.logit_bias.grad.abs() > 0
+    # All scores equal: the shift is where the loss is flat in a common offset (beta s(-b) = N s(b)).
+    b = shift.item()
+    assert beta * torch.sigmoid(torch.tensor(-b)).item() == pytest.approx(
+        4 * torch.sigmoid(torch.tensor(b)).item()
+    )
+    assert BinaryCrossEntropy(1).logit_bias is None  # the original SASRec loss has none
