@@ -116,6 +116,7 @@ class NegativeSampler:
         self.seed = seed
         self.item_counts = item_counts
         self._generator: torch.Generator | None = None
+        self._probabilities: tuple[tuple[int, str], torch.Tensor] | None = None
 
     def _rng(self, device: torch.device) -> torch.Generator:
         if self._generator is None or self._generator.device != device:
@@ -127,18 +128,25 @@ class NegativeSampler:
         return self._generator
 
     def probabilities(self, num_items: int, device: torch.device) -> torch.Tensor:
-        """q(item) for items 0..num_items (0 = padding, probability 0), ignoring the exclusion."""
-        if self.distribution == "uniform":
-            q = torch.full((num_items + 1,), 1.0 / num_items, device=device)
-        else:
-            if self.item_counts is None:
-                raise UserInputError(
-                    "loss.item_counts: popularity sampling and logQ need the training item counts"
-                )
-            q = self.item_counts.to(device=device, dtype=torch.float32)[: num_items + 1] + 1.0
-            q = q / q[1:].sum()
-        q[0] = 0.0
-        return q
+        """q(item) for items 0..num_items (0 = padding, probability 0), ignoring the exclusion.
+
+        Built once per catalogue size and device, not per batch (it is used for every draw and
+        for the logQ correction).
+        """
+        key = (num_items, str(device))
+        if self._probabilities is None or self._probabilities[0] != key:
+            if self.distribution == "uniform":
+                q = torch.full((num_items + 1,), 1.0 / num_items, device=device)
+            else:
+                if self.item_counts is None:
+                    raise UserInputError(
+                        "loss.item_counts: popularity sampling and logQ need the training item counts"
+                    )
+                q = self.item_counts.to(device=device, dtype=torch.float32)[: num_items + 1] + 1.0
+                q = q / q[1:].sum()
+            q[0] = 0.0
+            self._probabilities = (key, q)
+        return self._probabilities[1]
 
     def __call__(self, targets: torch.Tensor, num_items: int, num_negatives: int) -> torch.Tensor:
         """(T, num_negatives) negatives in 1..num_items, none equal to its row's target."""

@@ -210,6 +210,7 @@ class SequenceDataModule(pl.LightningDataModule):
         self.cache_dir = cache_dir
         self.seed = seed
         self.data: SequenceData | None = None
+        self._train_item_counts: torch.Tensor | None = None
 
     # --- preparation ---------------------------------------------------------------------------
 
@@ -260,11 +261,14 @@ class SequenceDataModule(pl.LightningDataModule):
         """How often each item (index = item id, 0 = padding) occurs in the training part of the
         histories (all events but each user's last two): popularity without the held-out items."""
         self.setup()
-        data = self.data
-        position = np.arange(len(data.items)) - np.repeat(data.offsets[:-1], np.diff(data.offsets))
-        in_train = position < np.repeat(np.diff(data.offsets) - 2, np.diff(data.offsets))
-        counts = np.bincount(data.items[in_train], minlength=data.num_items + 1)
-        return torch.from_numpy(counts.astype(np.int64))
+        if self._train_item_counts is None:  # asked for by the model, its loss and the results
+            data = self.data
+            lengths = np.diff(data.offsets)
+            position = np.arange(len(data.items)) - np.repeat(data.offsets[:-1], lengths)
+            in_train = position < np.repeat(lengths - 2, lengths)
+            counts = np.bincount(data.items[in_train], minlength=data.num_items + 1)
+            self._train_item_counts = torch.from_numpy(counts.astype(np.int64))
+        return self._train_item_counts
 
     # --- loaders ---------------------------------------------------------------------------------
 
