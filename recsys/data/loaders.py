@@ -14,6 +14,7 @@ one-line message that names the file (and the line or column) and what is wrong.
 from __future__ import annotations
 
 import gzip
+import inspect
 import io
 import os
 from collections.abc import Mapping
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from recsys.data.synthetic import generate_sequences
 from recsys.errors import UserInputError
 
 CANONICAL_COLUMNS = ("user", "item", "timestamp", "rating", "event")
@@ -336,36 +338,43 @@ def synthetic_interactions(
     max_length: int = 20,
     follow_probability: float = 0.8,
     seed: int = 0,
+    popularity_exponent: float = 0.0,
+    length_distribution: str = "uniform",
+    mean_length: float | None = None,
+    length_sigma: float = 1.0,
+    **unknown,
 ) -> pd.DataFrame:
-    """Small generated data with sequential structure a model can learn, for tests.
+    """Generated data with sequential structure a model can learn (`data.format: synthetic`).
 
     Items lie on a hidden random cycle; each next item is the successor of the previous one on that
-    cycle with `follow_probability`, otherwise a uniformly random item. A sequential model can learn
-    the cycle, a popularity model cannot, so tests can check that training helps.
+    cycle with `follow_probability`, otherwise a random item. A sequential model can learn the
+    cycle, a popularity model cannot, so tests can check that training helps. The defaults are the
+    small test set (uniform lengths and popularity); `configs/data/synthetic_large.yaml` sets Zipf
+    popularity and log-normal lengths. See `recsys.data.synthetic.generate_sequences` for the
+    arguments. Users are 1..num_users, items 1..num_items, timestamps the positions 0..len-1.
     """
-    if num_items < 2 or num_users < 1 or not 1 <= min_length <= max_length:
+    if unknown:
         raise UserInputError(
-            "data: synthetic data needs num_items >= 2, num_users >= 1, 1 <= min_length <= max_length"
+            f"data.synthetic.{sorted(unknown)[0]}: unknown key; allowed keys are "
+            f"{sorted(set(inspect.signature(synthetic_interactions).parameters) - {'unknown'})}"
         )
-    rng = np.random.default_rng(seed)
-    cycle = rng.permutation(num_items) + 1
-    successor = np.empty(num_items + 1, dtype=np.int64)
-    successor[cycle] = np.roll(cycle, -1)
-    lengths = rng.integers(min_length, max_length + 1, size=num_users)
-    users, items = [], []
-    for user, length in enumerate(lengths, start=1):
-        current = int(rng.integers(1, num_items + 1))
-        for _ in range(length):
-            users.append(user)
-            items.append(current)
-            follow = rng.random() < follow_probability
-            current = int(successor[current]) if follow else int(rng.integers(1, num_items + 1))
-    users_array = np.asarray(users, dtype=np.int64)
-    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    offsets, items = generate_sequences(
+        num_users=num_users,
+        num_items=num_items,
+        min_length=min_length,
+        max_length=max_length,
+        mean_length=mean_length,
+        length_sigma=length_sigma,
+        length_distribution=length_distribution,
+        popularity_exponent=popularity_exponent,
+        follow_probability=follow_probability,
+        seed=seed,
+    )
+    lengths = np.diff(offsets)
     return pd.DataFrame(
         {
-            "user": users_array,
-            "item": np.asarray(items, dtype=np.int64),
-            "timestamp": np.arange(len(users), dtype=np.int64) - starts,
+            "user": np.repeat(np.arange(1, len(lengths) + 1, dtype=np.int64), lengths),
+            "item": items,
+            "timestamp": np.arange(len(items), dtype=np.int64) - np.repeat(offsets[:-1], lengths),
         }
     )
