@@ -8,6 +8,18 @@ padding at max length 50 (median history 6).
 
 Batches are built by fancy indexing into the CSR arrays, one whole batch per `__getitem__` call: no
 per-user Python loop.
+
+Device batches (`data.device_batches`): for a small model on a GPU, gathering each batch on the CPU
+and copying it to the device takes longer than the training step, and the GPU sits idle. When on,
+the padded matrix of all training windows (num_windows x longest window, a few MB for the Amazon
+sets) is built once and kept on the device; each epoch uploads its batch order once, and a batch is
+one indexing of that matrix, trimmed to a width computed on the CPU from the window lengths (no
+device-to-host sync). The batches are exactly the DataLoader's: same sampler, same order, same
+trimming. `auto` turns it on for a CUDA trainer when the matrix fits DEVICE_BATCHES_MAX_BYTES;
+`true` on any device (tests use it on the CPU). Under multi-process data parallelism the batches of
+the one shared order are dealt out by rank (batch i to rank i % world_size), the last round padded
+with the first batches so that every rank takes the same number of steps (as DistributedSampler
+pads).
 """
 
 from __future__ import annotations
@@ -26,6 +38,8 @@ from recsys.errors import UserInputError
 log = logging.getLogger(__name__)
 
 SPLITS = ("val", "test")
+# `data.device_batches: auto` keeps the training windows on a CUDA device only up to this size.
+DEVICE_BATCHES_MAX_BYTES = 1 << 30
 
 
 def gather_windows(items: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
@@ -152,6 +166,72 @@ class LengthBucketBatchSampler(Sampler[np.ndarray]):
         yield from batches
 
 
+def padded_windows(windows: TrainWindows, dtype: np.dtype, chunk_rows: int = 1 << 18) -> np.ndarray:
+    """All windows as one right-padded matrix (num_windows x longest window), built in chunks of
+    rows to bound the temporary index arrays."""
+    width = int(windows.lengths.max()) if len(windows) else 0
+    matrix = np.zeros((len(windows), width), dtype=dtype)
+    for begin in range(0, len(windows), chunk_rows):
+        rows = slice(begin, begin + chunk_rows)
+        part = gather_windows(windows.items, windows.starts[rows], windows.ends[rows])
+        matrix[rows, : part.shape[1]] = part
+    return matrix
+
+
+class DeviceTrainBatches:
+    """Training batches indexed out of a padded window matrix that lives on the device.
+
+    Takes its batches from a LengthBucketBatchSampler (`sampler`, which Lightning's set_epoch finds
+    as on a DataLoader) and yields the same dicts as TrainWindows, already on the device. With
+    world_size > 1, batch i of the shared order goes to rank i % world_size; the last round is padded
+    with the first batches so that all ranks get len(self) batches.
+    """
+
+    def __init__(
+        self,
+        matrix: torch.Tensor,
+        lengths: np.ndarray,
+        sampler: LengthBucketBatchSampler,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.matrix = matrix
+        self.lengths = np.asarray(lengths)
+        self.sampler = sampler
+        self.rank = rank
+        self.world_size = world_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.matrix.device
+
+    def __len__(self) -> int:
+        return -(-len(self.sampler) // self.world_size)
+
+    def _batches(self) -> list[np.ndarray]:
+        batches = list(self.sampler)
+        if self.world_size > 1:
+            # Padded by repeating batches from the start, as DistributedSampler pads.
+            total = len(self) * self.world_size
+            batches = [batches[i % len(batches)] for i in range(self.rank, total, self.world_size)]
+        return batches
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        batches = self._batches()
+        if not batches:
+            return
+        order = np.concatenate(batches).astype(np.int64, copy=False)
+        bounds = np.cumsum([0] + [len(batch) for batch in batches]).tolist()
+        widths = np.maximum.reduceat(self.lengths[order], bounds[:-1]).tolist()
+        order = torch.from_numpy(order).to(self.device)  # one host-to-device copy per epoch
+        for begin, end, width in zip(bounds[:-1], bounds[1:], widths):
+            windows = self.matrix[order[begin:end], :width].long()
+            targets = windows[:, 1:].contiguous()
+            # As TrainWindows: inputs padded out wherever there is no target.
+            inputs = windows[:, :-1].masked_fill(targets == 0, 0)
+            yield {"input_ids": inputs, "target_ids": targets}
+
+
 class SequenceDataModule(pl.LightningDataModule):
     """Reads, preprocesses and caches one data set, then serves train / val / test batches."""
 
@@ -177,8 +257,14 @@ class SequenceDataModule(pl.LightningDataModule):
         pin_memory: bool | None = None,
         cache_dir: str | None = None,
         seed: int = 0,
+        device_batches: bool | str = "auto",
     ):
         super().__init__()
+        if isinstance(device_batches, str):  # also "true" / "false" when not parsed by YAML
+            choices = {"auto": "auto", "true": True, "false": False}
+            device_batches = choices.get(device_batches.lower(), device_batches)
+        if device_batches != "auto" and not isinstance(device_batches, bool):
+            raise UserInputError(f"data.device_batches: must be auto, true or false, got {device_batches!r}")
         if max_len < 1:
             raise UserInputError(f"data.max_len: must be >= 1, got {max_len}")
         if val_users is not None and val_users < 1:
@@ -209,7 +295,9 @@ class SequenceDataModule(pl.LightningDataModule):
         self.pin_memory = pin_memory
         self.cache_dir = cache_dir
         self.seed = seed
+        self.device_batches = device_batches
         self.data: SequenceData | None = None
+        self._device_windows: tuple[torch.Tensor, np.ndarray] | None = None
         self._train_item_counts: torch.Tensor | None = None
 
     # --- preparation ---------------------------------------------------------------------------
@@ -283,7 +371,7 @@ class SequenceDataModule(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | DeviceTrainBatches:
         windows = self.train_windows()
         if len(windows) == 0:
             raise UserInputError(f"data {self.name}: no user has a training history of 2 or more items")
@@ -296,7 +384,53 @@ class SequenceDataModule(pl.LightningDataModule):
             seed=self.seed,
         )
         sampler.set_epoch(epoch)
-        return self._loader(windows, sampler)
+        device = self._train_batch_device(windows)
+        if device is None:
+            return self._loader(windows, sampler)
+        matrix, lengths = self._windows_on(device, windows)
+        trainer = self.trainer
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return DeviceTrainBatches(matrix, lengths, sampler, rank=rank, world_size=world_size)
+
+    def _train_batch_device(self, windows: TrainWindows) -> torch.device | None:
+        """The device to keep the training windows on, or None for the DataLoader."""
+        if self.device_batches is False:
+            return None
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        if self.device_batches is True:
+            return device
+        if device.type != "cuda":
+            return None
+        size = len(windows) * int(windows.lengths.max()) * np.dtype(self._window_dtype()).itemsize
+        if size > DEVICE_BATCHES_MAX_BYTES:
+            log.info(
+                "data.device_batches=auto: the training windows (%.1f GiB) exceed %.1f GiB; using the DataLoader",
+                size / 2**30,
+                DEVICE_BATCHES_MAX_BYTES / 2**30,
+            )
+            return None
+        return device
+
+    def _window_dtype(self) -> type:
+        # int32 halves the device memory; batches are cast to int64 when indexed.
+        return np.int32 if self.data.num_items < 2**31 else np.int64
+
+    def _windows_on(self, device: torch.device, windows: TrainWindows) -> tuple[torch.Tensor, np.ndarray]:
+        """The padded window matrix on `device` and the window lengths, built once and kept."""
+        if self._device_windows is None or self._device_windows[0].device != device:
+            matrix = torch.from_numpy(padded_windows(windows, self._window_dtype())).to(device)
+            self._device_windows = (matrix, windows.lengths)
+            log.info(
+                "Training batches indexed on %s from %d windows (%.1f MB)",
+                device,
+                matrix.shape[0],
+                matrix.numel() * matrix.element_size() / 1e6,
+            )
+        return self._device_windows
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit":
+            self._device_windows = None  # free the device memory once training is over
 
     def validation_users(self) -> np.ndarray | None:
         """The fixed, seeded subset of users validated on when data.val_users is set (else None)."""

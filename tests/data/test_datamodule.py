@@ -1,8 +1,18 @@
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
-from recsys.data.datamodule import EvalUsers, LengthBucketBatchSampler, SequenceDataModule, gather_windows
+from recsys.data import datamodule as datamodule_module
+from recsys.data.datamodule import (
+    DeviceTrainBatches,
+    EvalUsers,
+    LengthBucketBatchSampler,
+    SequenceDataModule,
+    gather_windows,
+)
 from recsys.errors import UserInputError
 
 
@@ -147,3 +157,139 @@ def test_validation_can_use_a_fixed_subset_but_test_uses_everyone(tmp_path):
     assert len(np.concatenate([b["user"].numpy() for b in dm.eval_dataloader("val", all_users=True)])) == 40
     with pytest.raises(UserInputError, match="data.val_users"):
         make_datamodule(tmp_path, text, val_users=0)
+
+
+VARIED = "".join(
+    f"{u} " + " ".join(str((u * 7 + i) % 40 + 1) for i in range(3 + u % 13)) + "\n" for u in range(1, 60)
+)
+
+
+@pytest.mark.parametrize("options", [{}, {"length_bucketing": False}, {"sliding_window_step": 2}])
+def test_device_batches_equal_the_dataloader_batches(tmp_path, options):
+    plain = make_datamodule(
+        tmp_path, VARIED, seed=5, batch_size=4, max_len=6, device_batches=False, **options
+    )
+    device = make_datamodule(
+        tmp_path, VARIED, seed=5, batch_size=4, max_len=6, device_batches=True, **options
+    )
+    loader, batches = plain.train_dataloader(), device.train_dataloader()
+    assert isinstance(loader, DataLoader) and isinstance(batches, DeviceTrainBatches)
+    assert len(batches) == len(loader)
+    for epoch in (0, 1):
+        loader.sampler.set_epoch(epoch)  # as Lightning's fit loop does on both
+        batches.sampler.set_epoch(epoch)
+        expected, got = all_batches(loader), all_batches(batches)
+        assert len(got) == len(expected)
+        for a, b in zip(expected, got):
+            assert a.keys() == b.keys()
+            for key in a:
+                assert b[key].dtype == torch.int64 and b[key].is_contiguous()
+                assert torch.equal(a[key], b[key])
+    assert not torch.equal(expected[0]["input_ids"], all_batches(plain.train_dataloader())[0]["input_ids"])
+
+
+def test_device_batches_auto_is_the_dataloader_on_cpu_and_checks_the_budget(tmp_path, monkeypatch):
+    dm = make_datamodule(tmp_path, VARIED)
+    assert dm.device_batches == "auto"
+    assert isinstance(dm.train_dataloader(), DataLoader)  # no trainer: CPU
+    # A CUDA trainer (faked: only the device choice is asked, nothing is moved).
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)))
+    assert dm._train_batch_device(dm.train_windows()) == torch.device("cuda", 0)
+    monkeypatch.setattr(datamodule_module, "DEVICE_BATCHES_MAX_BYTES", 100)
+    assert dm._train_batch_device(dm.train_windows()) is None
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    assert dm._train_batch_device(dm.train_windows()) is None
+
+
+def test_device_batches_setting_is_checked(tmp_path):
+    for bad in ("maybe", 1, None):
+        with pytest.raises(UserInputError, match="data.device_batches: must be auto, true or false"):
+            make_datamodule(tmp_path, VARIED, device_batches=bad)
+    assert make_datamodule(tmp_path, VARIED, device_batches="True").device_batches is True
+    assert make_datamodule(tmp_path, VARIED, device_batches="false").device_batches is False
+
+
+def test_device_batches_are_dealt_out_by_rank(tmp_path):
+    dm = make_datamodule(tmp_path, VARIED, seed=2, batch_size=4, device_batches=True)
+    whole = dm.train_dataloader()
+    order = [b["target_ids"] for b in all_batches(whole)]
+    assert len(order) % 3 != 0  # so that the last round is padded
+    shards = []
+    for rank in range(3):
+        shard = DeviceTrainBatches(
+            whole.matrix, whole.lengths, LengthBucketBatchSampler(**_sampler_args(dm)), rank, 3
+        )
+        shards.append([b["target_ids"] for b in all_batches(shard)])
+        assert len(shards[-1]) == len(shard) == -(-len(order) // 3)
+    padded = order + order[: 3 * len(shards[0]) - len(order)]
+    for i, targets in enumerate(padded):
+        assert torch.equal(shards[i % 3][i // 3], targets)
+    # More ranks than batches: each rank still gets one.
+    many = len(order) + 2
+    for rank in (0, many - 1):
+        shard = DeviceTrainBatches(
+            whole.matrix, whole.lengths, LengthBucketBatchSampler(**_sampler_args(dm)), rank, many
+        )
+        (batch,) = all_batches(shard)
+        assert torch.equal(batch["target_ids"], order[rank % len(order)])
+
+
+def _sampler_args(dm):
+    return {"lengths": dm.train_windows().lengths, "batch_size": dm.batch_size, "seed": dm.seed}
+
+
+def _fit_recording_batches(tmp_path, device_batches):
+    import pytorch_lightning as pl
+
+    from recsys.models.sasrec import SASRec
+
+    class Record(pl.Callback):
+        def __init__(self):
+            self.batches = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.batches.append({key: value.clone() for key, value in batch.items()})
+
+    synthetic = {"num_users": 40, "num_items": 30, "min_length": 4, "max_length": 12, "seed": 0}
+    dm = SequenceDataModule(
+        name="synthetic",
+        format="synthetic",
+        synthetic=synthetic,
+        max_len=8,
+        batch_size=8,
+        eval_batch_size=16,
+        cache_dir=str(tmp_path / "cache"),
+        device_batches=device_batches,
+    )
+    torch.manual_seed(0)
+    model = SASRec(dm.num_items, max_len=8, dim=16, num_blocks=1)
+    record = Record()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=2,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        callbacks=[record],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer.fit(model, datamodule=dm)
+    assert trainer.global_step == 4
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    return trainer, record.batches
+
+
+def test_a_model_trains_on_device_batches_as_on_the_dataloader(tmp_path):
+    trainer, batches = _fit_recording_batches(tmp_path, device_batches=True)
+    assert isinstance(trainer.train_dataloader, DeviceTrainBatches)
+    plain_trainer, expected = _fit_recording_batches(tmp_path, device_batches=False)
+    assert isinstance(plain_trainer.train_dataloader, DataLoader)
+    assert len(batches) == len(expected) == 4  # 2 epochs of 2 batches: the epochs' orders differ
+    assert not torch.equal(batches[0]["input_ids"], batches[2]["input_ids"])
+    for a, b in zip(expected, batches):
+        assert all(torch.equal(a[key], b[key]) for key in a)
