@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from recsys.compare import compare_runs, comparison_markdown, load_run, seed_summary
 from recsys.data.datamodule import SPLITS
 from recsys.errors import UserInputError
+from recsys.hardware import check_precision
 from recsys.models.from_config import build_model
 from recsys.results import per_user_frame, slice_metrics, write_csv_atomic, write_parquet_atomic
 from recsys.runs import atomic_path, format_table, run_with_user_errors, write_json_atomic
@@ -83,7 +84,7 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     trainer = pl.Trainer(
         accelerator=cfg.accelerator,
         devices=1,
-        precision=cfg.precision,
+        precision=check_precision(cfg.precision, cfg.accelerator),
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -24,6 +24,7 @@ from pytorch_lightning.loggers import WandbLogger
 
 from recsys.callbacks import EpochTimer
 from recsys.errors import UserInputError
+from recsys.hardware import check_precision, maybe_compile, uses_cuda
 from recsys.models.from_config import build_model, check_model_config
 from recsys.results import per_user_frame, slice_metrics, write_csv_atomic, write_parquet_atomic
 from recsys.runs import (
@@ -43,14 +44,23 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     default_wandb_mode()
     torch.set_float32_matmul_precision(cfg.matmul_precision)
     check_model_config(cfg)  # a bad model or loss option fails now, before the data is read
+    # So does a GPU asked for where there is none; bf16 where the GPU lacks it falls back.
+    device_type = "cuda" if uses_cuda(cfg.trainer.accelerator) else "cpu"
+    precision = check_precision(cfg.trainer.precision, cfg.trainer.accelerator)
     datamodule = instantiate(cfg.data)  # reading and preprocessing are deterministic by themselves
     datamodule.prepare_data()
     datamodule.setup("fit")
     pl.seed_everything(cfg.seed, workers=True)
     model = build_model(cfg, datamodule)
+    maybe_compile(model, cfg.compile, device_type)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None] if cfg.logger else []
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer,
+        precision=precision,
+        callbacks=callbacks,
+        logger=loggers or False,
+    )
     write_config(run_dir / "config.yaml", cfg)
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

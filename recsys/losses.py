@@ -21,22 +21,41 @@ from torch import nn
 
 from recsys.errors import UserInputError
 
+# Logits the loss may hold at once, in bytes, when item_chunk_size is left to choose itself.
+LOGITS_BUDGET_BYTES = 1 << 30
+
 
 class FullCrossEntropy(nn.Module):
     """Softmax cross-entropy over the whole catalogue ("SASRec+", Klenitskiy & Vasilev 2023).
 
-    With `chunk_size` (tokens per chunk), `_ChunkedSoftmaxCrossEntropy` computes the same value and
-    gradients chunk by chunk, keeping one float32 tokens x items table of probabilities (half of
-    what `F.cross_entropy` keeps) and making fewer passes over it: on a 2-core CPU an epoch of
-    Beauty takes about half the loss time. `chunk_size: null` uses `F.cross_entropy`, the reference
-    the tests hold the chunked path to.
+    Three ways to the same value and gradients; the tests hold each to `F.cross_entropy`:
+
+    - `chunk_size: null`: plain `F.cross_entropy` on the whole tokens x items logits (the reference).
+    - Token chunks (`chunk_size` tokens each on a CPU, all tokens at once on a GPU), used while the whole float32 tokens x items table fits
+      `LOGITS_BUDGET_BYTES`: `_ChunkedSoftmaxCrossEntropy` keeps the softmax probabilities for
+      backward (half of what `F.cross_entropy` keeps, fewer passes); on a 2-core CPU an epoch of
+      Beauty spends about half the time in the loss that `F.cross_entropy` does.
+    - Item chunks (`item_chunk_size` items each), used when the table would not fit, or always when
+      `item_chunk_size` is set: `_ItemChunkedCrossEntropy` keeps only each token's logsumexp and
+      recomputes a chunk's logits in backward, so memory is tokens x item_chunk_size whatever the
+      catalogue (one extra matrix product: the price of catalogues of millions of items).
     """
 
-    def __init__(self, chunk_size: int | None = 256):
+    def __init__(self, chunk_size: int | None = 256, item_chunk_size: int | None = None):
         super().__init__()
         if chunk_size is not None and chunk_size < 1:
             raise UserInputError(f"loss.chunk_size: must be >= 1 or null, got {chunk_size}")
+        if item_chunk_size is not None and item_chunk_size < 1:
+            raise UserInputError(f"loss.item_chunk_size: must be >= 1 or null, got {item_chunk_size}")
         self.chunk_size = chunk_size
+        self.item_chunk_size = item_chunk_size
+
+    def check_catalogue(self, num_items: int) -> None:
+        if self.item_chunk_size is not None and self.item_chunk_size > num_items:
+            raise UserInputError(
+                f"loss.item_chunk_size: {self.item_chunk_size} is larger than the catalogue "
+                f"({num_items} items); use null or a value in 1..{num_items}"
+            )
 
     def forward(
         self, hidden: torch.Tensor, targets: torch.Tensor, item_embeddings: torch.Tensor
@@ -44,7 +63,16 @@ class FullCrossEntropy(nn.Module):
         catalogue = item_embeddings[1:]  # padding is never a class
         if self.chunk_size is None:
             return F.cross_entropy((hidden @ catalogue.T).float(), targets - 1)
-        return _ChunkedSoftmaxCrossEntropy.apply(hidden, catalogue, targets - 1, self.chunk_size)
+        tokens, items = hidden.size(0), catalogue.size(0)
+        item_chunk = self.item_chunk_size
+        if item_chunk is None and tokens * items * 4 > LOGITS_BUDGET_BYTES:
+            item_chunk = max(1, LOGITS_BUDGET_BYTES // (4 * max(tokens, 1)))
+        if item_chunk is None or item_chunk >= items:
+            # Token chunks pay off on a CPU (see above); a GPU's caching allocator reuses memory
+            # anyway, and there each chunk costs kernel launches: one chunk of all the tokens.
+            token_chunk = self.chunk_size if hidden.device.type == "cpu" else max(tokens, 1)
+            return _ChunkedSoftmaxCrossEntropy.apply(hidden, catalogue, targets - 1, token_chunk)
+        return _ItemChunkedCrossEntropy.apply(hidden, catalogue, targets - 1, item_chunk)
 
 
 class _ChunkedSoftmaxCrossEntropy(torch.autograd.Function):
@@ -96,6 +124,52 @@ class _ChunkedSoftmaxCrossEntropy(torch.autograd.Function):
                 grad_w_t.addmm_(h[chunk].T, probs)
         ctx.probabilities = None  # frees the memory now
         return grad_h.to(hidden.dtype), grad_w_t.T.to(weight.dtype), None, None
+
+
+class _ItemChunkedCrossEntropy(torch.autograd.Function):
+    """The same loss over chunks of items, never holding more than tokens x item_chunk logits.
+
+    Forward runs an online logsumexp over the item chunks (running maximum and rescaled sum, as
+    flash attention does over keys) and saves only the (T,) logsumexp. Backward recomputes each
+    chunk's logits, turns them into (softmax - onehot) / T with the saved logsumexp, and adds the
+    chunk's share to d hidden and writes d weight for the chunk's rows.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, item_chunk: int):
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            h, w = hidden.float(), weight.float()
+            peak = torch.full((h.size(0),), -torch.inf, device=h.device)
+            sums = torch.zeros(h.size(0), device=h.device)
+            for begin in range(0, w.size(0), item_chunk):
+                logits = h @ w[begin : begin + item_chunk].T
+                new_peak = torch.maximum(peak, logits.amax(dim=1))
+                sums = sums * (peak - new_peak).exp() + logits.sub_(new_peak[:, None]).exp_().sum(dim=1)
+                peak = new_peak
+            logsumexp = peak + sums.log()
+            target_logits = (h * w[targets]).sum(dim=1)
+        ctx.save_for_backward(hidden, weight, targets, logsumexp)
+        ctx.item_chunk = item_chunk
+        return (logsumexp - target_logits).mean()
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        hidden, weight, targets, logsumexp = ctx.saved_tensors
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            h, w = hidden.float(), weight.float()
+            scale = grad_output.float() / h.size(0)
+            grad_h = torch.zeros_like(h)
+            grad_w = torch.empty_like(w)
+            rows = torch.arange(h.size(0), device=h.device)
+            for begin in range(0, w.size(0), ctx.item_chunk):
+                chunk_w = w[begin : begin + ctx.item_chunk]
+                probs = (h @ chunk_w.T).sub_(logsumexp[:, None]).exp_()
+                here = (targets >= begin) & (targets < begin + chunk_w.size(0))
+                probs[rows[here], targets[here] - begin] -= 1.0
+                probs.mul_(scale)
+                grad_h.addmm_(probs, chunk_w)
+                torch.mm(probs.T, h, out=grad_w[begin : begin + chunk_w.size(0)])
+        return grad_h.to(hidden.dtype), grad_w.to(weight.dtype), None, None
 
 
 class NegativeSampler:
@@ -305,7 +379,10 @@ class GeneralisedBinaryCrossEntropy(BinaryCrossEntropy):
 
 
 def check_catalogue(loss: nn.Module | None, num_items: int) -> None:
-    """A loss that draws N distinct-from-the-positive negatives needs N < num_items."""
+    """A loss that draws N distinct-from-the-positive negatives needs N < num_items; a loss with
+    options of its own that depend on the catalogue checks them in its `check_catalogue(num_items)`."""
+    if hasattr(loss, "check_catalogue"):
+        loss.check_catalogue(num_items)
     wanted = getattr(loss, "num_negatives", None)
     if wanted is not None and not getattr(loss, "in_batch", False) and wanted > num_items - 1:
         raise UserInputError(

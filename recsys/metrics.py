@@ -101,15 +101,86 @@ def top_k_items(scores: torch.Tensor, exclude: torch.Tensor | None, k: int) -> t
     return masked.topk(min(k, scores.size(1) - 1), dim=1).indices
 
 
-def sampled_target_ranks(scores: torch.Tensor, target: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
-    """1-based pessimistic rank of each target among itself and its (B, N) sampled negatives."""
-    scores = scores.float()
-    rows = torch.arange(scores.size(0), device=scores.device)
-    target_score = scores[rows, target]
-    negative_scores = scores.gather(1, negatives)
-    above = (
-        (negative_scores >= target_score[:, None]) | negative_scores.isnan() | target_score.isnan()[:, None]
-    )
+def chunked_ranking(
+    queries: torch.Tensor,
+    item_vectors: torch.Tensor,
+    target: torch.Tensor,
+    exclude: torch.Tensor | None,
+    k: int | None,
+    chunk_size: int = 65536,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`target_ranks` and `top_k_items` for dot-product scores, a chunk of items at a time.
+
+    scores = queries (B, d) @ item_vectors (num_items + 1, d)^T are never held whole: each chunk's
+    (B, chunk_size) scores, padding and seen items set to -inf, add to the count of items scored
+    at or above the target and to a running top k, so memory stays B x chunk_size however large
+    the catalogue. Ranks equal `target_ranks` on the full scores (same pessimistic ties, NaN
+    counted above, a target scored NaN or -inf ranked last among the candidates); the top-k lists hold the same items, in the same order unless scores tie. Scores are float32
+    with autocast off: bf16 would tie many items and, with pessimistic ties, cost real rank.
+    Returns (ranks (B,), top items (B, k), or None when k is None).
+    """
+    with torch.autocast(device_type=queries.device.type, enabled=False):
+        queries, item_vectors = queries.float(), item_vectors.float()
+        batch, width = queries.size(0), item_vectors.size(0)
+        rows = torch.arange(batch, device=queries.device)
+        target_vectors = item_vectors[target]
+        above = torch.zeros(batch, dtype=torch.long, device=queries.device)
+        k = None if k is None else min(k, width - 1)
+        best_scores = best_items = None
+        broken = None  # targets scored NaN or -inf: ranked last, below every candidate
+        for begin in range(0, width, chunk_size):
+            end = min(begin + chunk_size, width)
+            size = end - begin
+            # The targets' scores come out of the same matrix product as the chunk's: an item with
+            # the target's very vector then scores bit for bit the same (a tie, counted above),
+            # which separate products need not give (their summation order can differ).
+            both = queries @ torch.cat([item_vectors[begin:end], target_vectors]).T
+            target_score = both[:, size:].diagonal().clone()
+            if broken is None:
+                broken = target_score.isnan() | (target_score == -torch.inf)
+            # Seen items of this chunk to -inf; those of other chunks land in column `size`, which
+            # holds only the target scores just copied out.
+            if exclude is not None and exclude.numel() > 0:
+                inside = (exclude >= begin) & (exclude < end)
+                both.scatter_(1, torch.where(inside, exclude - begin, size), -torch.inf)
+            scores = both[:, :size]
+            if begin == 0:
+                scores[:, 0] = -torch.inf  # padding
+            # NaN < t is False, so NaN scores (and every item, if t is NaN) count as above.
+            higher = size - (scores < target_score[:, None]).sum(dim=1)
+            # The target is not above itself: it is the "1 +" below.
+            is_target = (target >= begin) & (target < end)
+            at_target = scores[rows, (target - begin).clamp(0, size - 1)]
+            above += higher - (is_target & ~(at_target < target_score)).long()
+            if k is not None:
+                top = scores.topk(min(k, size), dim=1)
+                items = top.indices + begin
+                if best_scores is not None:
+                    merged_scores = torch.cat([best_scores, top.values], dim=1)
+                    merged = merged_scores.topk(min(k, merged_scores.size(1)), dim=1)
+                    best_items = torch.cat([best_items, items], dim=1).gather(1, merged.indices)
+                    best_scores = merged.values
+                else:
+                    best_scores, best_items = top.values, items
+        ranks = 1 + above
+        if bool(broken.any()):
+            ranks = torch.where(broken, _candidate_count(width, target, exclude), ranks)
+    return ranks, best_items
+
+
+def _candidate_count(width: int, target: torch.Tensor, exclude: torch.Tensor | None) -> torch.Tensor:
+    """Candidates of each row, the target included: real items minus the distinct seen ones."""
+    if exclude is None or exclude.numel() == 0:
+        return torch.full_like(target, width - 1)
+    seen = exclude.masked_fill(exclude == target[:, None], 0).sort(dim=1).values
+    distinct = (seen[:, 1:] != seen[:, :-1]) & (seen[:, 1:] != 0)
+    return width - 1 - distinct.sum(dim=1) - (seen[:, 0] != 0).long()
+
+
+def sampled_target_ranks(target_scores: torch.Tensor, negative_scores: torch.Tensor) -> torch.Tensor:
+    """1-based pessimistic rank of each target, scored (B, 1), among its (B, N) sampled negatives."""
+    target_scores, negative_scores = target_scores.float(), negative_scores.float()
+    above = (negative_scores >= target_scores) | negative_scores.isnan() | target_scores.isnan()
     return 1 + above.sum(dim=1)
 
 

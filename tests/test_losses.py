@@ -30,6 +30,44 @@ def test_chunked_cross_entropy_equals_plain(tokens, chunk):
     assert grads[1][0].abs().sum() == 0  # padding row gets no gradient
 
 
+@pytest.mark.parametrize("item_chunk", [1, 7, 39, 40])
+def test_item_chunked_cross_entropy_equals_plain(item_chunk):
+    torch.manual_seed(item_chunk)
+    hidden = torch.randn(23, 16, requires_grad=True)
+    table = torch.randn(41, 16, requires_grad=True)
+    targets = torch.randint(1, 41, (23,))
+    targets[:3] = torch.tensor([1, 40, item_chunk])  # first, last and a chunk's edge
+    reference = F.cross_entropy(hidden @ table[1:].T, targets - 1)
+    ref_grads = torch.autograd.grad(reference, (hidden, table))
+    value = FullCrossEntropy(item_chunk_size=item_chunk)(hidden, targets, table)
+    grads = torch.autograd.grad(value, (hidden, table))
+    assert value.item() == pytest.approx(reference.item(), rel=1e-5)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_large_tables_switch_to_item_chunks(monkeypatch):
+    import recsys.losses as losses
+
+    calls = []
+    original = losses._ItemChunkedCrossEntropy.apply
+    monkeypatch.setattr(
+        losses._ItemChunkedCrossEntropy, "apply", lambda *a: calls.append(a[3]) or original(*a)
+    )
+    hidden, table, targets = torch.randn(10, 4), torch.randn(31, 4), torch.randint(1, 31, (10,))
+    FullCrossEntropy()(hidden, targets, table)
+    assert calls == []  # 10 x 30 logits fit the budget: the fast path
+    monkeypatch.setattr(losses, "LOGITS_BUDGET_BYTES", 4 * 10 * 8)
+    FullCrossEntropy()(hidden, targets, table)
+    assert calls == [8]  # 8 items per chunk keep 10 x 8 float32 logits
+
+
+@pytest.mark.parametrize("size,message", [(0, "must be >= 1"), (41, "larger than the catalogue")])
+def test_item_chunk_size_is_checked(size, message):
+    with pytest.raises(UserInputError, match=f"loss.item_chunk_size: .*{message}"):
+        check_catalogue(FullCrossEntropy(item_chunk_size=size), 40)
+
+
 def test_plain_cross_entropy_ignores_padding_class():
     hidden = torch.zeros(2, 4)
     table = torch.randn(6, 4)

@@ -8,6 +8,7 @@ from recsys.errors import UserInputError
 from recsys.metrics import (
     ListMetrics,
     RankingMetrics,
+    chunked_ranking,
     metrics_from_ranks,
     sample_unseen,
     sampled_target_ranks,
@@ -190,7 +191,8 @@ def test_sampled_ranks_draw_only_unseen_items_and_are_seeded():
     assert not torch.isin(negatives[0], torch.tensor([0, 1, 2, 3])).any()
     assert not torch.isin(negatives[1], torch.tensor([0, 4, 5])).any()
     scores = torch.arange(9, dtype=torch.float32).expand(2, 9)  # item i scores i
-    ranks = sampled_target_ranks(scores, target, torch.tensor([[4, 6, 1], [2, 5, 7]]))
+    negatives = torch.tensor([[4, 6, 1], [2, 5, 7]])
+    ranks = sampled_target_ranks(scores.gather(1, target[:, None]), scores.gather(1, negatives))
     assert ranks.tolist() == [3, 3]  # 3 < 4, 6; and 5 ties with 5 (pessimistic), below 7
 
 
@@ -199,3 +201,35 @@ def test_k_larger_than_the_catalogue_is_a_user_error():
         UserInputError, match=r"model.ks: each K must lie in 1..5 \(the catalogue\), got \[1, 10\]"
     ):
         SASRec(num_items=5, ks=(1, 10))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 13, 50, 1000])
+def test_chunked_ranking_equals_full_ranking(chunk_size):
+    generator = torch.Generator().manual_seed(chunk_size)
+    queries = torch.randn(9, 6, generator=generator)
+    items = torch.randn(51, 6, generator=generator)
+    items[7] = items[8]  # a tie, to check pessimistic counting across chunks
+    target = torch.randint(1, 51, (9,), generator=generator)
+    target[0] = 7
+    exclude = torch.randint(0, 51, (9, 12), generator=generator)
+    exclude[1, 0] = target[1]  # a seen target stays a candidate
+    scores = queries @ items.T
+    ranks, top = chunked_ranking(queries, items, target, exclude, 10, chunk_size)
+    assert torch.equal(ranks, target_ranks(scores, target, exclude))
+    # The same items; tied ones (7 and 8) may come in either order.
+    assert torch.equal(top.sort(dim=1).values, top_k_items(scores, exclude, 10).sort(dim=1).values)
+    torch.testing.assert_close(
+        scores.gather(1, top), scores.gather(1, top).sort(dim=1, descending=True).values
+    )
+
+
+def test_chunked_ranking_counts_nan_above_and_can_skip_lists():
+    queries = torch.ones(2, 1)
+    items = torch.tensor([[0.0], [1.0], [float("nan")], [3.0], [2.0]])
+    for exclude in (None, torch.tensor([[3, 3, 0], [4, 2, 4]])):
+        ranks, top = chunked_ranking(queries, items, torch.tensor([1, 2]), exclude, None, chunk_size=2)
+        assert top is None
+        assert torch.equal(ranks, target_ranks(queries @ items.T, torch.tensor([1, 2]), exclude))
+    items[1] = -torch.inf  # a target scored -inf is ranked last as well
+    ranks, _ = chunked_ranking(queries, items, torch.tensor([1, 3]), None, None, chunk_size=3)
+    assert torch.equal(ranks, target_ranks(queries @ items.T, torch.tensor([1, 3])))

@@ -11,6 +11,7 @@ been preprocessed. A model with options of its own to check extends it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -19,12 +20,14 @@ import torch
 from torch import nn
 
 from recsys.errors import UserInputError
+from recsys.hardware import with_fused
 from recsys.losses import check_catalogue
 from recsys.metrics import (
     DEFAULT_KS,
     ListMetrics,
     RankingMetrics,
     check_ks,
+    chunked_ranking,
     sample_unseen,
     sampled_target_ranks,
     target_ranks,
@@ -77,7 +80,7 @@ class SequentialRecommender(pl.LightningModule):
         self.num_items = num_items
         # Factories (Hydra `_partial_: true`), kept out of the checkpoint's hyper-parameters so that
         # checkpoints hold only tensors and plain values and load with weights_only=True.
-        self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-3))
+        self.optimizer_factory = optimizer or functools.partial(torch.optim.AdamW, lr=1e-3)
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
         self.data_fingerprint = data_fingerprint
@@ -89,6 +92,8 @@ class SequentialRecommender(pl.LightningModule):
         self.list_metrics: ListMetrics | None = None
         self.sampled_evaluation: dict | None = None
         self.sampled_metrics = RankingMetrics(self.ks)
+        # Items scored at a time in evaluation: B x this many float32 scores, whatever the catalogue.
+        self.ranking_chunk_size = 65536
         self.test_results: dict[str, torch.Tensor] = {}
         self._test_users: list[torch.Tensor] = []
         self._test_ranks: list[torch.Tensor] = []
@@ -104,14 +109,30 @@ class SequentialRecommender(pl.LightningModule):
 
     # --- the part each model provides -----------------------------------------------------------
 
+    def user_vectors(self, history: torch.Tensor) -> torch.Tensor:
+        """(B, d) vectors whose dot products with `item_vectors()` score every item as the next one
+        after right-padded `history`. Models that score this way are ranked a chunk of items at a
+        time (bounded memory at any catalogue size); others override `score` instead."""
+        raise NotImplementedError(f"{type(self).__name__} must implement user_vectors or score")
+
+    def item_vectors(self) -> torch.Tensor:
+        """(num_items + 1, d) vectors of padding (row 0) and the items."""
+        raise NotImplementedError(f"{type(self).__name__} must implement item_vectors or score")
+
     def score(self, history: torch.Tensor) -> torch.Tensor:
         """Scores (B, num_items + 1) of every item as the next one after right-padded `history`."""
-        raise NotImplementedError(f"{type(self).__name__} must implement score(history)")
+        return self.user_vectors(history) @ self.item_vectors().T
+
+    @property
+    def scores_by_dot_product(self) -> bool:
+        return type(self).user_vectors is not SequentialRecommender.user_vectors
 
     # --- optimisation ----------------------------------------------------------------------------
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.parameters())
+        # On a GPU, AdamW's fused kernel: one launch per step instead of several per parameter.
+        factory = with_fused(self.optimizer_factory, self.device.type == "cuda")
+        optimizer = factory(self.parameters())
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
@@ -128,7 +149,10 @@ class SequentialRecommender(pl.LightningModule):
     # --- evaluation ------------------------------------------------------------------------------
 
     def configure_evaluation(
-        self, item_counts: torch.Tensor | None = None, sampled: dict | None = None
+        self,
+        item_counts: torch.Tensor | None = None,
+        sampled: dict | None = None,
+        item_chunk_size: int | None = None,
     ) -> None:
         """What the test pass measures besides the full-ranking metrics of the target.
 
@@ -166,8 +190,19 @@ class SequentialRecommender(pl.LightningModule):
         s = self.sampled_evaluation
         return None if s is None else f"sampled_{s['sampler']}_{s['num_negatives']}"
 
-    def _ranks(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return target_ranks(self.score(batch["history"]), batch["target"], batch["exclude"])
+    def _rank(
+        self, batch: dict[str, torch.Tensor], k: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, Callable[[torch.Tensor], torch.Tensor]]:
+        """The targets' ranks, the top-k items (None when k is None) and a function giving the
+        scores (B, n) of given items (B, n), from one pass of the model over the histories."""
+        target, exclude = batch["target"], batch["exclude"]
+        if self.scores_by_dot_product:
+            queries, items = self.user_vectors(batch["history"]).float(), self.item_vectors().float()
+            ranks, top = chunked_ranking(queries, items, target, exclude, k, self.ranking_chunk_size)
+            return ranks, top, lambda index: (queries[:, None, :] * items[index]).sum(dim=-1)
+        scores = self.score(batch["history"]).float()
+        top = None if k is None else top_k_items(scores, exclude, k)
+        return target_ranks(scores, target, exclude), top, lambda index: scores.gather(1, index)
 
     def _reduce_sum(self, totals: torch.Tensor) -> torch.Tensor:
         if self._trainer is None:
@@ -178,7 +213,7 @@ class SequentialRecommender(pl.LightningModule):
         self.val_metrics.reset()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.val_metrics.update(self._ranks(batch))
+        self.val_metrics.update(self._rank(batch, None)[0])
 
     def on_validation_epoch_end(self) -> None:
         results = self.val_metrics.compute(self._reduce_sum)
@@ -194,15 +229,15 @@ class SequentialRecommender(pl.LightningModule):
         self._sampling_generator = None  # re-seeded each pass: the same negatives every time
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        scores = self.score(batch["history"])
-        ranks = target_ranks(scores, batch["target"], batch["exclude"])
+        k = max(self.ks) if self.list_metrics is not None else None
+        ranks, top, scores_of = self._rank(batch, k)
         self.test_metrics.update(ranks)
         if self.list_metrics is not None:
-            self.list_metrics.update(top_k_items(scores, batch["exclude"], max(self.ks)))
+            self.list_metrics.update(top)
         if self.sampled_evaluation is not None:
             settings = self.sampled_evaluation
             if self._sampling_generator is None:
-                self._sampling_generator = torch.Generator(device=scores.device)
+                self._sampling_generator = torch.Generator(device=ranks.device)
                 self._sampling_generator.manual_seed(settings["seed"])
             probabilities = settings["probabilities"]
             negatives = sample_unseen(
@@ -211,9 +246,11 @@ class SequentialRecommender(pl.LightningModule):
                 self.num_items,
                 settings["num_negatives"],
                 self._sampling_generator,
-                None if probabilities is None else probabilities.to(scores.device),
+                None if probabilities is None else probabilities.to(ranks.device),
             )
-            self.sampled_metrics.update(sampled_target_ranks(scores, batch["target"], negatives))
+            self.sampled_metrics.update(
+                sampled_target_ranks(scores_of(batch["target"][:, None]), scores_of(negatives))
+            )
         self._test_users.append(batch["user"].cpu())
         self._test_ranks.append(ranks.cpu())
 

@@ -120,11 +120,13 @@ class BERT4Rec(SequentialRecommender):
         self._log_train_loss(loss, int(masked.sum()))
         return loss
 
-    def score(self, history: torch.Tensor) -> torch.Tensor:
+    def item_vectors(self) -> torch.Tensor:
+        return self.catalogue_embeddings
+
+    def user_vectors(self, history: torch.Tensor) -> torch.Tensor:
         history = keep_last_items(history, self.max_len)
         lengths = (history != 0).sum(dim=1)
         inputs = torch.cat([history, history.new_zeros(history.size(0), 1)], dim=1)
         rows = torch.arange(history.size(0), device=history.device)
         inputs[rows, lengths] = self.mask_id
-        hidden = self(inputs)[rows, lengths]
-        return hidden @ self.catalogue_embeddings.T
+        return self(inputs)[rows, lengths]

@@ -70,6 +70,11 @@ def build_model(
         kwargs["loss"] = build_loss(cfg.get("loss"), counts)
     model = _instantiate(cfg.model, "model", **kwargs)
     evaluation = cfg.get("evaluation") if evaluation is None else evaluation
-    sampled = evaluation.get("sampled") if evaluation is not None else None
-    model.configure_evaluation(item_counts=counts, sampled=dict(sampled) if sampled else None)
+    evaluation = evaluation if evaluation is not None else {}
+    sampled = evaluation.get("sampled")
+    model.configure_evaluation(
+        item_counts=counts,
+        sampled=dict(sampled) if sampled else None,
+        item_chunk_size=evaluation.get("item_chunk_size"),
+    )
     return model

@@ -41,5 +41,9 @@ class MostPopular(SequentialRecommender):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         return None  # the counts came from the data: nothing to fit
 
-    def score(self, history: torch.Tensor) -> torch.Tensor:
-        return self.item_counts.expand(history.size(0), -1)
+    # Score = 1 x count: a dot product in one dimension, so ranking runs in chunks like any model's.
+    def user_vectors(self, history: torch.Tensor) -> torch.Tensor:
+        return self.item_counts.new_ones(history.size(0), 1)
+
+    def item_vectors(self) -> torch.Tensor:
+        return self.item_counts[:, None]

@@ -79,6 +79,9 @@ class SASRec(SequentialRecommender):
         self._log_train_loss(loss, int(has_target.sum()))
         return loss
 
-    def score(self, history: torch.Tensor) -> torch.Tensor:
+    def user_vectors(self, history: torch.Tensor) -> torch.Tensor:
         history = keep_last_items(history, self.max_len)
-        return last_real_position(self(history), history) @ self.item_embedding.weight.T
+        return last_real_position(self(history), history)
+
+    def item_vectors(self) -> torch.Tensor:
+        return self.item_embedding.weight

@@ -1,0 +1,98 @@
+"""What the hardware can do: bf16, torch.compile, fused optimizers; fall back with one warning line.
+
+A config asks for speed-ups (trainer.precision=bf16-mixed, compile=true); this module checks that
+the machine can deliver them and, where it cannot, changes the request to what works and says so
+in one warning line naming the key and what was changed. A GPU asked for where there is none is an
+error, not a silent CPU run.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import inspect
+import logging
+import shutil
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from recsys.errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+
+def _fallback(message: str) -> None:
+    log.warning(message)  # one line; Python prints it even where logging is not configured
+
+
+def uses_cuda(accelerator: str) -> bool:
+    """Whether a Lightning `accelerator` setting resolves to a CUDA GPU on this machine."""
+    if accelerator in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise UserInputError(
+                f"trainer.accelerator: {accelerator!r} asks for a GPU, but torch sees no CUDA device "
+                f"(torch {torch.__version__}); use trainer=cpu or trainer.accelerator=auto"
+            )
+        return True
+    return accelerator == "auto" and torch.cuda.is_available()
+
+
+def check_precision(precision: str, accelerator: str) -> str:
+    """`precision`, or 32-true where bf16 was asked for on a GPU without bf16 support.
+
+    CPUs run bf16 autocast (emulated where they lack bf16 instructions), so it is left alone there.
+    """
+    precision = str(precision)
+    if "bf16" in precision and uses_cuda(accelerator) and not torch.cuda.is_bf16_supported():
+        _fallback(
+            f"trainer.precision: {precision} needs bf16 support, which "
+            f"{torch.cuda.get_device_name()} lacks; using 32-true"
+        )
+        return "32-true"
+    return precision
+
+
+def compile_problem(device_type: str) -> str | None:
+    """Why torch.compile cannot run on `device_type` here, or None if it can."""
+    if device_type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            return "Triton is not installed"
+        if torch.cuda.get_device_capability() < (7, 0):
+            return f"{torch.cuda.get_device_name()} is older than compute capability 7.0"
+        return None
+    if not any(shutil.which(name) for name in ("cc", "gcc", "clang", "c++", "g++")):
+        return "no C/C++ compiler is on the PATH"
+    return None
+
+
+def maybe_compile(model: nn.Module, enabled: bool, device_type: str) -> bool:
+    """Compile `model`'s forward in place (state-dict keys unchanged) if asked and possible.
+
+    Only the network is compiled; losses and ranking stay eager (their chunk loops would each
+    recompile). Shapes vary from batch to batch (trimmed to the longest sequence), so dimensions
+    are marked dynamic after the first recompilation, PyTorch's default.
+    """
+    if not enabled:
+        return False
+    problem = compile_problem(device_type)
+    if problem is not None:
+        _fallback(f"compile: torch.compile cannot run here ({problem}); training eager instead")
+        return False
+    model.compile()
+    return True
+
+
+def with_fused(factory: Callable, parameters_on_cuda: bool) -> Callable:
+    """The optimizer factory with fused=True added where its optimizer has a fused CUDA kernel
+    (AdamW, Adam, SGD...), the parameters are on a GPU, and the config did not set `fused` itself."""
+    if not parameters_on_cuda or not isinstance(factory, functools.partial):
+        return factory
+    if "fused" in factory.keywords or "foreach" in factory.keywords:
+        return factory
+    try:
+        accepts = "fused" in inspect.signature(factory.func).parameters
+    except (TypeError, ValueError):
+        return factory
+    return functools.partial(factory, fused=True) if accepts else factory
