@@ -1,7 +1,7 @@
 """Epoch time, training throughput and peak memory of SASRec on amazon_beauty; prints one JSON line.
 
     python benchmarks/epoch_time.py [--epochs 3] [--batch-size 128] [--accelerator cpu|gpu]
-                                    [--precision 32-true|bf16-mixed] [--data PATH]
+                                    [--precision 32-true|bf16-mixed] [--compile] [--data PATH]
 
 Trains through the same Lightning Trainer and datamodule as train.py (validation off) and reports
 the median over epochs of the training-loop time. Peak memory is the process's maximum resident
@@ -20,9 +20,11 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.profilers import SimpleProfiler
 
 from recsys.callbacks import EpochTimer
 from recsys.data import SequenceDataModule
+from recsys.hardware import check_precision, maybe_compile, uses_cuda
 from recsys.losses import FullCrossEntropy
 from recsys.models.sasrec import SASRec
 
@@ -44,9 +46,15 @@ def main() -> None:
         "--chunk-size", type=int, default=256, help="tokens per loss chunk; 0 = F.cross_entropy"
     )
     parser.add_argument("--no-bucketing", action="store_true", help="plain shuffled batches")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the network")
+    parser.add_argument(
+        "--device-batches", default="auto", help="auto | true | false (see configs/data/common.yaml)"
+    )
     parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--profile", default=None, help="folder for Lightning's simple profiler report")
     parser.add_argument("--precision", default="32-true")
     args = parser.parse_args()
+    torch.set_float32_matmul_precision("high")  # TF32 on a GPU, as train.py sets it (matmul_precision)
 
     pl.seed_everything(0, verbose=False)
     datamodule = SequenceDataModule(
@@ -56,6 +64,7 @@ def main() -> None:
         max_len=args.max_len,
         batch_size=args.batch_size,
         length_bucketing=not args.no_bucketing,
+        device_batches=args.device_batches,
         cache_dir=str(ROOT / ".cache" / "data"),
     )
     datamodule.setup()
@@ -68,11 +77,12 @@ def main() -> None:
         dropout=args.dropout,
         loss=FullCrossEntropy(chunk_size=args.chunk_size or None),
     )
+    compiled = maybe_compile(model, args.compile, "cuda" if uses_cuda(args.accelerator) else "cpu")
     timer = EpochTimer()
     trainer = pl.Trainer(
         accelerator=args.accelerator,
         devices=1,
-        precision=args.precision,
+        precision=check_precision(args.precision, args.accelerator),
         max_epochs=args.epochs,
         limit_val_batches=0,
         logger=False,
@@ -80,6 +90,7 @@ def main() -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[timer],
+        profiler=SimpleProfiler(dirpath=args.profile, filename="profile") if args.profile else None,
     )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -109,7 +120,7 @@ def main() -> None:
                 "peak_memory_mb": round(peak_mb, 1),
                 "peak_memory_kind": "cuda_max_allocated" if on_gpu else "process_max_rss",
                 "total_seconds": round(total, 1),
-                "config": vars(args),
+                "config": {**vars(args), "compiled": compiled},
             }
         )
     )

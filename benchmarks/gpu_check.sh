@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# The GPU tests and benchmarks in one go, for a lent GPU machine (see README.md, "Benchmarks").
+#
+#   OUT=/some/dir bash benchmarks/gpu_check.sh          # on the GPU machine, from the repo root
+#   QUICK=1 OUT=/tmp/check bash benchmarks/gpu_check.sh  # tiny sizes: a dry run on any machine
+#
+# Installs the wheels carried in .whl/ (hydra-core, omegaconf, antlr4: the GPU image lacks them),
+# runs the GPU tests, then the benchmarks, each under its own time limit so that one stuck step
+# cannot eat the machine's time. Writes $OUT/results.jsonl (one JSON line per benchmark),
+# $OUT/pytest.log, $OUT/run.log and $OUT/gpu.txt; prints a summary last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:?set OUT to the folder for the results}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/run.log") 2>&1
+export PYTHONUNBUFFERED=1
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+PY=${PY:-python3}
+RESULTS=$OUT/results.jsonl
+: >"$RESULTS"
+
+(nvidia-smi || echo "no nvidia-smi") >"$OUT/gpu.txt" 2>&1
+$PY -c "import torch, pytorch_lightning as pl; print('torch', torch.__version__, 'lightning', pl.__version__, 'cuda', torch.cuda.is_available())"
+
+# bench SECONDS SCRIPT ARGS...: one benchmark, its JSON line appended to results.jsonl.
+bench() {
+    local limit=$1
+    shift
+    echo "== $*"
+    local started=$SECONDS
+    timeout "$limit" $PY "$@" 2>"$OUT/last_stderr.txt" | tail -n 1 | tee -a "$RESULTS"
+    local status=${PIPESTATUS[0]}
+    if [ "$status" -ne 0 ]; then
+        echo "   exit $status after $((SECONDS - started)) s; stderr tail:"
+        tail -n 5 "$OUT/last_stderr.txt"
+        echo "{\"benchmark\": \"failed\", \"command\": \"$*\", \"exit\": $status}" >>"$RESULTS"
+    fi
+}
+
+if [ -n "${QUICK:-}" ]; then
+    ITEMS_LARGE=20000 ITEMS_HUGE=50000 USERS=2000 TP_ITEMS=2000 TP_USERS=500 TP_LEN=50 STEPS=4 WARM=2 EPOCHS=1 ACCEL=auto
+else
+    ITEMS_LARGE=1000000 ITEMS_HUGE=10000000 USERS=10000 TP_ITEMS=100000 TP_USERS=50000 TP_LEN=200 STEPS=40 WARM=10 EPOCHS=3 ACCEL=gpu
+fi
+
+# Most important first: a run cut short still has them.
+echo "== GPU tests"
+timeout 200 $PY -m pytest tests/models/test_gpu.py -x -p no:cacheprovider >"$OUT/pytest.log" 2>&1
+echo "   pytest exit $? ($(tail -n 1 "$OUT/pytest.log"))"
+
+# Training throughput, 100k-item synthetic catalogue, length 200 (target: 2M target tokens/s).
+TP="--items $TP_ITEMS --users $TP_USERS --max-len $TP_LEN --steps $STEPS --warmup $WARM"
+bench 120 benchmarks/train_throughput.py --model sasrec $TP
+# SASRec on amazon_beauty (the shipped copy), batch 128 as in the presets (target: < 1 s/epoch).
+bench 100 benchmarks/epoch_time.py --accelerator $ACCEL --precision bf16-mixed --epochs $EPOCHS
+# A 10M-item catalogue trains end to end with the chunked loss (item chunks, no OOM).
+bench 150 benchmarks/train_throughput.py --model sasrec --items $ITEMS_HUGE --users 20000 --max-len 50 --batch-size 128 --steps 5 --warmup 2
+# Full vs chunked cross-entropy at 1M items and 4,096 target positions; chunked at 10M.
+bench 60 benchmarks/loss.py --items $ITEMS_LARGE --tokens 4096 --impl full
+bench 60 benchmarks/loss.py --items $ITEMS_LARGE --tokens 4096 --impl chunked
+bench 90 benchmarks/loss.py --items $ITEMS_HUGE --tokens 4096 --impl chunked
+# Full-ranking evaluation: 10k users over 1M items, the models' chunked path.
+bench 90 benchmarks/ranking.py --items $ITEMS_LARGE --users $USERS
+# Attention at the Amazon settings in bf16: SASRec's (causal) and BERT4Rec's (padding mask).
+bench 45 benchmarks/attention.py --precision bf16
+bench 45 benchmarks/attention.py --padding --heads 2 --precision bf16
+bench 120 benchmarks/train_throughput.py --model bert4rec $TP
+# Compiled variants last: each compiles for about a minute.
+bench 150 benchmarks/train_throughput.py --model sasrec $TP --compile
+bench 150 benchmarks/epoch_time.py --accelerator $ACCEL --precision bf16-mixed --epochs $EPOCHS --compile
+
+rm -f "$OUT/last_stderr.txt"
+echo "== summary"
+$PY - "$RESULTS" <<'EOF'
+import json, sys
+for line in open(sys.argv[1]):
+    try:
+        r = json.loads(line)
+    except ValueError:
+        continue
+    keep = {k: v for k, v in r.items() if k not in ("config", "torch", "date", "device", "seconds", "epoch_seconds")}
+    cfg = r.get("config", {})
+    short = {k: cfg[k] for k in ("model", "items", "impl", "precision", "padding", "compile", "batch_size") if k in cfg}
+    print(json.dumps({**short, **keep}))
+EOF
