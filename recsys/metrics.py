@@ -104,11 +104,11 @@ def top_k_items(scores: torch.Tensor, exclude: torch.Tensor | None, k: int) -> t
 def chunked_ranking(
     queries: torch.Tensor,
     item_vectors: torch.Tensor,
-    target: torch.Tensor,
+    target: torch.Tensor | None,
     exclude: torch.Tensor | None,
     k: int | None,
     chunk_size: int = 65536,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """`target_ranks` and `top_k_items` for dot-product scores, a chunk of items at a time.
 
     scores = queries (B, d) @ item_vectors (num_items + 1, d)^T are never held whole: each chunk's
@@ -117,13 +117,21 @@ def chunked_ranking(
     the catalogue. Ranks equal `target_ranks` on the full scores (same pessimistic ties, NaN
     counted above, a target scored NaN or -inf ranked last among the candidates); the top-k lists hold the same items, in the same order unless scores tie. Scores are float32
     with autocast off: bf16 would tie many items and, with pessimistic ties, cost real rank.
-    Returns (ranks (B,), top items (B, k), or None when k is None).
+    Returns (ranks (B,) or None when target is None, top items (B, k) or None when k is None);
+    `chunked_top_k` is the top-k alone, for recommending.
     """
+    ranks, _, items = _chunked_pass(queries, item_vectors, target, exclude, k, chunk_size)
+    return ranks, items
+
+
+def _chunked_pass(queries, item_vectors, target, exclude, k, chunk_size):
+    """(ranks or None, top-k scores or None, top-k items or None): see `chunked_ranking`."""
     with torch.autocast(device_type=queries.device.type, enabled=False):
         queries, item_vectors = queries.float(), item_vectors.float()
         batch, width = queries.size(0), item_vectors.size(0)
         rows = torch.arange(batch, device=queries.device)
-        target_vectors = item_vectors[target]
+        # Without targets, one dummy target column keeps the code below in one shape.
+        target_vectors = item_vectors[target if target is not None else torch.zeros_like(rows)]
         above = torch.zeros(batch, dtype=torch.long, device=queries.device)
         k = None if k is None else min(k, width - 1)
         best_scores = best_items = None
@@ -147,11 +155,12 @@ def chunked_ranking(
             if begin == 0:
                 scores[:, 0] = -torch.inf  # padding
             # NaN < t is False, so NaN scores (and every item, if t is NaN) count as above.
-            higher = size - (scores < target_score[:, None]).sum(dim=1)
-            # The target is not above itself: it is the "1 +" below.
-            is_target = (target >= begin) & (target < end)
-            at_target = scores[rows, (target - begin).clamp(0, size - 1)]
-            above += higher - (is_target & ~(at_target < target_score)).long()
+            if target is not None:
+                higher = size - (scores < target_score[:, None]).sum(dim=1)
+                # The target is not above itself: it is the "1 +" below.
+                is_target = (target >= begin) & (target < end)
+                at_target = scores[rows, (target - begin).clamp(0, size - 1)]
+                above += higher - (is_target & ~(at_target < target_score)).long()
             if k is not None:
                 top = scores.topk(min(k, size), dim=1)
                 items = top.indices + begin
@@ -162,10 +171,26 @@ def chunked_ranking(
                     best_scores = merged.values
                 else:
                     best_scores, best_items = top.values, items
+        if target is None:
+            return None, best_scores, best_items
         ranks = 1 + above
         if bool(broken.any()):
             ranks = torch.where(broken, _candidate_count(width, target, exclude), ranks)
-    return ranks, best_items
+    return ranks, best_scores, best_items
+
+
+def chunked_top_k(
+    queries: torch.Tensor,
+    item_vectors: torch.Tensor,
+    exclude: torch.Tensor | None,
+    k: int,
+    chunk_size: int = 65536,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores (B, k), items (B, k)): the k best items per row by dot product, padding and the
+    `exclude`d items left out, a chunk of items at a time (see `chunked_ranking`). Where fewer than
+    k items are left, the last columns hold excluded items scored -inf."""
+    _, scores, items = _chunked_pass(queries, item_vectors, None, exclude, k, chunk_size)
+    return scores, items
 
 
 def _candidate_count(width: int, target: torch.Tensor, exclude: torch.Tensor | None) -> torch.Tensor:

@@ -9,6 +9,7 @@ from recsys.metrics import (
     ListMetrics,
     RankingMetrics,
     chunked_ranking,
+    chunked_top_k,
     metrics_from_ranks,
     sample_unseen,
     sampled_target_ranks,
@@ -233,3 +234,18 @@ def test_chunked_ranking_counts_nan_above_and_can_skip_lists():
     items[1] = -torch.inf  # a target scored -inf is ranked last as well
     ranks, _ = chunked_ranking(queries, items, torch.tensor([1, 3]), None, None, chunk_size=3)
     assert torch.equal(ranks, target_ranks(queries @ items.T, torch.tensor([1, 3])))
+
+
+def test_chunked_top_k_scores_leave_excluded_items_at_minus_infinity():
+    generator = torch.Generator().manual_seed(5)
+    queries, items = torch.randn(3, 4, generator=generator), torch.randn(8, 4, generator=generator)
+    exclude = torch.tensor([[1, 2, 3, 4, 5], [0, 0, 0, 0, 0], [7, 7, 1, 0, 0]])
+    scores, top = chunked_top_k(queries, items, exclude, 7, chunk_size=3)
+    full = queries @ items.T
+    finite = scores.isfinite()
+    reference = top_k_items(full, exclude, 7)
+    for row in range(3):  # the same unseen items, best first; the -inf filler may differ
+        count = int(finite[row].sum())
+        assert top[row, :count].tolist() == reference[row, :count].tolist()
+    torch.testing.assert_close(scores[finite], full.gather(1, top)[finite])
+    assert finite.sum(dim=1).tolist() == [2, 7, 5]  # 7 items minus the distinct seen ones

@@ -15,6 +15,7 @@ import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import nn
@@ -92,6 +93,8 @@ class SequentialRecommender(pl.LightningModule):
         self.list_metrics: ListMetrics | None = None
         self.sampled_evaluation: dict | None = None
         self.sampled_metrics = RankingMetrics(self.ks)
+        # {"item_ids", "train_item_counts"} of the training data, set by build_model; checkpointed.
+        self.catalogue: dict | None = None
         # Items scored at a time in evaluation: B x this many float32 scores, whatever the catalogue.
         self.ranking_chunk_size = 65536
         self.test_results: dict[str, torch.Tensor] = {}
@@ -145,6 +148,14 @@ class SequentialRecommender(pl.LightningModule):
         # evaluate.py refuses a checkpoint whose data differs from the data it is evaluated on.
         checkpoint["data_fingerprint"] = self.data_fingerprint
         checkpoint["num_items"] = self.num_items
+        if self.catalogue is not None:
+            # Original item ids (index -> id, 0 = padding) and training counts: enough to
+            # recommend in original ids, popularity fallback included, without the data.
+            ids = np.asarray(self.catalogue["item_ids"])
+            checkpoint["item_ids"] = (
+                torch.from_numpy(ids.astype(np.int64)) if ids.dtype.kind in "iu" else [str(i) for i in ids]
+            )
+            checkpoint["train_item_counts"] = torch.as_tensor(self.catalogue["train_item_counts"])
 
     # --- evaluation ------------------------------------------------------------------------------
 

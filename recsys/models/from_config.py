@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
@@ -52,14 +54,17 @@ def check_model_config(cfg: DictConfig) -> None:
 
 def build_model(
     cfg: DictConfig,
-    datamodule,
+    datamodule=None,
     num_items: int | None = None,
     data_fingerprint: str | None = None,
     evaluation: DictConfig | None = None,
+    item_counts: torch.Tensor | None = None,
+    item_ids: np.ndarray | None = None,
 ):
-    """The model of `cfg` for the data of `datamodule` (its item count and fingerprint by default),
-    set up to evaluate as `evaluation` says (`cfg.evaluation` by default)."""
-    counts = datamodule.train_item_counts()
+    """The model of `cfg` for the data of `datamodule` (its item count, fingerprint, training item
+    counts and original item ids by default; without a datamodule all four must be given), set up
+    to evaluate as `evaluation` says (`cfg.evaluation` by default)."""
+    counts = datamodule.train_item_counts() if item_counts is None else item_counts
     kwargs: dict[str, Any] = {
         "num_items": datamodule.num_items if num_items is None else num_items,
         "data_fingerprint": datamodule.fingerprint if data_fingerprint is None else data_fingerprint,
@@ -69,6 +74,11 @@ def build_model(
     if model_class(cfg).uses_loss:
         kwargs["loss"] = build_loss(cfg.get("loss"), counts)
     model = _instantiate(cfg.model, "model", **kwargs)
+    # Saved in the checkpoint, so that recommending in original ids needs no data (recsys/recommend.py).
+    model.catalogue = {
+        "item_ids": datamodule.data.item_ids if item_ids is None else item_ids,
+        "train_item_counts": counts,
+    }
     evaluation = cfg.get("evaluation") if evaluation is None else evaluation
     evaluation = evaluation if evaluation is not None else {}
     sampled = evaluation.get("sampled")

@@ -1,0 +1,186 @@
+"""predict.py and recsys.recommend: recommendations in original ids, new sessions, bad input."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from recsys.errors import UserInputError
+from recsys.recommend import Recommender, read_sessions
+from tests.test_entrypoints import common, run, train_overrides
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("predict")
+    run_dir = tmp / "run"
+    run("train.py", *train_overrides(tmp, run_dir, "trainer.max_epochs=2"))
+    return tmp, run_dir, run_dir / "checkpoints" / "best.ckpt"
+
+
+def cached_data(tmp, ckpt):
+    from hydra.utils import instantiate
+
+    datamodule = instantiate(
+        Recommender.from_checkpoint(ckpt).model.data_config, cache_dir=str(tmp / "cache")
+    )
+    datamodule.setup()
+    return datamodule.data
+
+
+def test_test_split_ranks_equal_the_evaluation_ranks(trained):
+    tmp, run_dir, ckpt = trained
+    out = tmp / "pred_test"
+    # k = the whole catalogue: every unseen item is listed.
+    run("predict.py", f"ckpt_path={ckpt}", "k=50", f"hydra.run.dir={out}", *common(tmp))
+    recs = pd.read_parquet(out / "recommendations.parquet")
+    assert list(recs.columns) == ["user", "rank", "item", "score"]
+    per_user = pd.read_parquet(run_dir / "per_user.parquet")
+    found = per_user.merge(recs, left_on=["user_id", "target_item_id"], right_on=["user", "item"])
+    assert (found["rank_x"] == found["rank_y"]).all()
+    # Missing are exactly the users whose test item repeats one they saw: never recommended
+    # (seen items are excluded), though evaluation still ranks it.
+    data = cached_data(tmp, ckpt)
+    repeats = {
+        int(data.user_ids[u])
+        for u in range(data.num_users)
+        if data.items[data.offsets[u + 1] - 1] in data.items[data.offsets[u] : data.offsets[u + 1] - 1]
+    }
+    assert set(per_user["user_id"]) - set(found["user_id"]) == repeats
+    assert 0 < len(repeats) < 50
+    # Ranks run 1.. per user with non-increasing scores.
+    first = recs[recs["user"] == recs["user"].iloc[0]]
+    assert first["rank"].tolist() == list(range(1, len(first) + 1))
+    assert (np.diff(first["score"].to_numpy()) <= 0).all()
+
+
+def test_next_split_and_python_api_agree_and_exclude_the_history(trained):
+    tmp, run_dir, ckpt = trained
+    out = tmp / "pred_next"
+    run("predict.py", f"ckpt_path={ckpt}", "k=5", "split=next", f"hydra.run.dir={out}", *common(tmp))
+    recs = pd.read_parquet(out / "recommendations.parquet")
+    recommender = Recommender.from_checkpoint(ckpt)
+    data = cached_data(tmp, ckpt)
+    user = int(data.user_ids[0])
+    history = data.item_ids[data.history(0)].tolist()
+    mine = recommender.recommend([history], k=5)
+    theirs = recs[recs["user"] == user]
+    assert mine["item"].tolist() == theirs["item"].tolist()
+    assert not set(mine["item"]) & set(history)
+    np.testing.assert_allclose(mine["score"], theirs["score"], rtol=1e-5)
+
+
+def test_sessions_skip_unknown_ids_and_fall_back_to_popularity(trained, tmp_path):
+    _, _, ckpt = trained
+    recommender = Recommender.from_checkpoint(ckpt)
+    known = recommender.item_ids[1:4].tolist()
+    frame = recommender.recommend([known + [999999, "abc"], [], ["nope"]], k=3, session_ids=["a", "b", "c"])
+    first = frame[frame["session"] == "a"]
+    assert first["unknown_items"].tolist() == [2, 2, 2] and not first["fallback"].any()
+    assert not set(first["item"]) & set(known)
+    popular = recommender.popular(3)[1][0].tolist()
+    for session, unknown in (("b", 0), ("c", 1)):
+        rows = frame[frame["session"] == session]
+        assert rows["fallback"].all() and rows["unknown_items"].iloc[0] == unknown
+        assert rows["item"].tolist() == recommender.item_ids[popular].tolist()
+
+    sessions = tmp_path / "sessions.jsonl"
+    sessions.write_text("\n".join(json.dumps({"session": s, "items": i}) for s, i in [(1, known), (2, [])]))
+    ids, histories = read_sessions(sessions)
+    assert ids == [1, 2] and histories == [known, []]
+    table = tmp_path / "sessions.csv"
+    pd.DataFrame({"session": ["x", "x", "y"], "item": known[:2] + known[2:], "timestamp": [2, 1, 5]}).to_csv(
+        table, index=False
+    )
+    ids, histories = read_sessions(table)
+    assert ids == ["x", "y"] and histories == [[str(known[1]), str(known[0])], [str(known[2])]]
+
+
+def test_predict_sessions_file_and_export_refusals(trained, tmp_path):
+    tmp, _, ckpt = trained
+    sessions = tmp_path / "s.jsonl"
+    sessions.write_text(json.dumps({"session": "s1", "items": [1, 2, 3]}) + "\n")
+    out = tmp_path / "out"
+    result = run(
+        "predict.py", f"ckpt_path={ckpt}", f"sessions={sessions}", "k=4", f"hydra.run.dir={out}", *common(tmp)
+    )
+    assert "top-4 for 1 sessions" in result.stdout
+    frame = pd.read_parquet(out / "recommendations.parquet")
+    assert frame["session"].tolist() == ["s1"] * 4
+    # The same output again is refused, and the existing file is left as it was.
+    before = (out / "recommendations.parquet").read_bytes()
+    again = run(
+        "predict.py",
+        f"ckpt_path={ckpt}",
+        f"sessions={sessions}",
+        f"hydra.run.dir={out}",
+        *common(tmp),
+        check=False,
+    )
+    assert again.returncode == 2 and "already exists" in again.stderr
+    assert (out / "recommendations.parquet").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["ckpt_path=/nonexistent/best.ckpt"], "ckpt_path: /nonexistent/best.ckpt does not exist"),
+        (["k=51"], "k: must lie in 1..50"),
+    ],
+)
+def test_bad_input_is_one_line(trained, tmp_path, overrides, message):
+    tmp, _, ckpt = trained
+    result = run(
+        "predict.py",
+        f"ckpt_path={ckpt}",
+        *overrides,
+        f"hydra.run.dir={tmp_path / 'o'}",
+        *common(tmp),
+        check=False,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "o" / "recommendations.parquet").exists()
+
+
+def test_bad_sessions_and_splits(trained, tmp_path):
+    _, _, ckpt = trained
+    with pytest.raises(UserInputError, match="sessions: /nonexistent.jsonl does not exist"):
+        read_sessions("/nonexistent.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"session": 1, "items": 5}\n')
+    with pytest.raises(UserInputError, match="line 1: 'items' must be a list"):
+        read_sessions(bad)
+    table = tmp_path / "t.csv"
+    table.write_text("user,item\n1,2\n")
+    with pytest.raises(UserInputError, match="has no 'session' column"):
+        read_sessions(table)
+    recommender = Recommender.from_checkpoint(ckpt)
+    with pytest.raises(UserInputError, match="split: 'later' is not one of"):
+        recommender.recommend_users(None, "later", 5, tmp_path / "r.parquet")
+    with pytest.raises(UserInputError, match="k: must lie in 1..50"):
+        recommender.recommend([[1]], k=0)
+
+
+def test_checkpoints_that_are_not_ours_or_lack_the_catalogue(trained, tmp_path):
+    tmp, run_dir, ckpt = trained
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    with pytest.raises(UserInputError, match="is not a checkpoint written by train.py"):
+        Recommender.from_checkpoint(foreign, run_dir=run_dir)
+    # An older checkpoint without the catalogue is completed from the run's data.
+    checkpoint = torch.load(ckpt, weights_only=True)
+    del checkpoint["item_ids"], checkpoint["train_item_counts"]
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    import os
+
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp)  # the run's config names its cache relative to nothing: use the test's cache
+        recommender = Recommender.from_checkpoint(old, run_dir=run_dir)
+    finally:
+        os.chdir(cwd)
+    assert recommender.item_ids.tolist() == Recommender.from_checkpoint(ckpt).item_ids.tolist()
