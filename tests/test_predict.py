@@ -121,6 +121,19 @@ def test_predict_sessions_file_and_export_refusals(trained, tmp_path):
     )
     assert again.returncode == 2 and "already exists" in again.stderr
     assert (out / "recommendations.parquet").read_bytes() == before
+    # Export through the CLI: the files recsys/export.py writes (parity is tested in test_export.py).
+    exported = tmp_path / "exported"
+    run(
+        "predict.py",
+        f"ckpt_path={ckpt}",
+        "export=[torchscript,onnx]",
+        "k=5",
+        f"hydra.run.dir={exported}",
+        *common(tmp),
+    )
+    assert {"model.ts", "model.onnx", "item_ids.json"} <= {p.name for p in exported.iterdir()}
+    ids = json.loads((exported / "item_ids.json").read_text())
+    assert ids[0] is None and len(ids) == 51
 
 
 @pytest.mark.parametrize(
