@@ -1,6 +1,7 @@
 """Evaluate a trained checkpoint on the data it was trained on; compare runs; tabulate runs.
 
     python evaluate.py ckpt_path=RUN/checkpoints/best.ckpt [split=val|test] [data_path=FILE]
+    python evaluate.py ckpt_path=RUN/checkpoints/best.ckpt strategy=ddp devices=2 [accelerator=cpu]
     python evaluate.py compare=[RUN_A,RUN_B,...] [compare_metrics=[ndcg@10,hr@10]]
     python evaluate.py table=[RUN_A,RUN_B,...] [table_metrics=[test/ndcg@10,...]]
 
@@ -10,7 +11,8 @@ as results.md, results.csv and results.tex. Each mode writes into hydra.run.dir.
 
 Rebuilds the data from the run's saved config.yaml, refuses a checkpoint whose data fingerprint
 differs from that data's, evaluates with the same code as train.py's test step, and writes
-metrics.json and per_user.parquet into its own output directory (hydra.run.dir).
+metrics.json and per_user.parquet into its own output directory (hydra.run.dir). With several
+processes each evaluates its share of the users; rank 0 writes the files.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from recsys.compare import compare_runs, comparison_markdown, load_run, seed_summary
 from recsys.data.datamodule import SPLITS
+from recsys.distributed import check_trainer_options, trainer_errors
 from recsys.errors import UserInputError
 from recsys.hardware import check_precision
 from recsys.models.from_config import build_model
@@ -56,6 +59,11 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     run_config = run_dir / "config.yaml"
     if not run_config.is_file():
         raise UserInputError(f"run_dir: {run_config} not found (the config.yaml that train.py wrote)")
+    options = OmegaConf.to_container(cfg, resolve=False)  # plain values (devices may be a list)
+    options = {key: options[key] for key in ("strategy", "accelerator", "devices", "num_nodes")}
+    # The data module deals each process its users (once each); Lightning's sampler would pad.
+    options["use_distributed_sampler"] = False
+    check_trainer_options(options, prefix="")  # before any data is read
     run_cfg = OmegaConf.load(run_config)
     if cfg.data_path is not None:
         run_cfg.data.path = cfg.data_path
@@ -81,31 +89,21 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     )
     model.load_state_dict(checkpoint["state_dict"])
 
-    trainer = pl.Trainer(
-        accelerator=cfg.accelerator,
-        devices=1,
-        precision=check_precision(cfg.precision, cfg.accelerator),
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    results = trainer.test(
-        model, dataloaders=datamodule.eval_dataloader(cfg.split, all_users=True), verbose=False
-    )[0]
+    precision = check_precision(cfg.precision, cfg.accelerator)
+    with trainer_errors(options, prefix=""):
+        trainer = pl.Trainer(
+            **options,
+            precision=precision,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+    datamodule.test_split = cfg.split  # trainer.test then evaluates every user on this split
+    results = trainer.test(model, datamodule=datamodule, verbose=False)[0]
     metrics = {
         f"{cfg.split}/{k.split('/', 1)[1]}": float(v) for k, v in results.items() if k.startswith("test/")
     }
-    frame = per_user_frame(
-        datamodule.data,
-        cfg.split,
-        model.test_results["user"],
-        model.test_results["rank"],
-        model.ks,
-        datamodule.train_item_counts(),
-    )
-    write_parquet_atomic(frame, out_dir / "per_user.parquet")
-    write_csv_atomic(slice_metrics(frame), out_dir / "slices.csv")
     summary = {
         **metrics,
         "ckpt_path": str(ckpt_path),
@@ -116,6 +114,18 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         "exclude_seen": True,
         "protocol": "leave-one-out, full ranking, seen items excluded, pessimistic ties",
     }
+    if not trainer.is_global_zero:
+        return summary  # every process holds the same results; rank 0 writes them
+    frame = per_user_frame(
+        datamodule.data,
+        cfg.split,
+        model.test_results["user"],
+        model.test_results["rank"],
+        model.ks,
+        datamodule.train_item_counts(),
+    )
+    write_parquet_atomic(frame, out_dir / "per_user.parquet")
+    write_csv_atomic(slice_metrics(frame), out_dir / "slices.csv")
     write_json_atomic(out_dir / "metrics.json", summary)
     print(
         f"\n{cfg.split} metrics of {ckpt_path} ({run_cfg.data.name}, {len(frame)} users), written to {out_dir}"

@@ -16,10 +16,18 @@ sets) is built once and kept on the device; each epoch uploads its batch order o
 one indexing of that matrix, trimmed to a width computed on the CPU from the window lengths (no
 device-to-host sync). The batches are exactly the DataLoader's: same sampler, same order, same
 trimming. `auto` turns it on for a CUDA trainer when the matrix fits DEVICE_BATCHES_MAX_BYTES;
-`true` on any device (tests use it on the CPU). Under multi-process data parallelism the batches of
-the one shared order are dealt out by rank (batch i to rank i % world_size), the last round padded
-with the first batches so that every rank takes the same number of steps (as DistributedSampler
-pads).
+`true` on any device (tests use it on the CPU).
+
+Several processes (`trainer=ddp`): the data module gives each process its share itself, and the
+trainer must not wrap the loaders in a DistributedSampler (`use_distributed_sampler: false`, set by
+`configs/trainer/ddp.yaml`). Every process builds the same batches in the same order (same seed,
+same epoch) and batch i goes to rank i % world_size (`deal_batches`). Training: the last round is
+padded with the first batches, so that every rank takes the same number of optimizer steps (DDP
+all-reduces the gradients of each step). Validation and test: nothing is repeated, every user is
+evaluated exactly once, in the very batches one process would form, so the metrics, reduced as
+exact sums and counts (recsys/models/base.py), do not depend on the number of processes; a rank
+left without a batch gets one empty batch, because Lightning refuses an empty loader on one rank and
+every rank must reach the epoch-end reduction.
 """
 
 from __future__ import annotations
@@ -166,6 +174,49 @@ class LengthBucketBatchSampler(Sampler[np.ndarray]):
         yield from batches
 
 
+def deal_batches(batches: list[np.ndarray], rank: int, world_size: int, pad: bool) -> list[np.ndarray]:
+    """This rank's share of one shared batch order: batches rank, rank + world_size, ...
+
+    pad=True (training): every rank gets ceil(len / world_size) batches, the last round completed
+    with batches from the start (as DistributedSampler pads). pad=False (evaluation): no batch is
+    repeated, so ranks may get one batch fewer; a rank with none gets one empty batch.
+    """
+    if world_size == 1:
+        return batches
+    if pad:
+        total = -(-len(batches) // world_size) * world_size
+        return [batches[i % len(batches)] for i in range(rank, total, world_size)] if batches else []
+    share = batches[rank::world_size]
+    return share if share else [np.empty(0, dtype=np.int64)]
+
+
+class RankBatches(Sampler[np.ndarray]):
+    """The batches of a LengthBucketBatchSampler that fall to one rank (see `deal_batches`).
+
+    Passes set_epoch on, which Lightning calls on a DataLoader's sampler each epoch.
+    """
+
+    def __init__(self, sampler: LengthBucketBatchSampler, rank: int, world_size: int, pad: bool):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        self.sampler = sampler
+        self.rank = rank
+        self.world_size = world_size
+        self.pad = pad
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        if self.pad:
+            return -(-n // self.world_size) if n else 0
+        return max(1, len(range(self.rank, n, self.world_size)))
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        yield from deal_batches(list(self.sampler), self.rank, self.world_size, self.pad)
+
+
 def padded_windows(windows: TrainWindows, dtype: np.dtype, chunk_rows: int = 1 << 18) -> np.ndarray:
     """All windows as one right-padded matrix (num_windows x longest window), built in chunks of
     rows to bound the temporary index arrays."""
@@ -209,12 +260,7 @@ class DeviceTrainBatches:
         return -(-len(self.sampler) // self.world_size)
 
     def _batches(self) -> list[np.ndarray]:
-        batches = list(self.sampler)
-        if self.world_size > 1:
-            # Padded by repeating batches from the start, as DistributedSampler pads.
-            total = len(self) * self.world_size
-            batches = [batches[i % len(batches)] for i in range(self.rank, total, self.world_size)]
-        return batches
+        return deal_batches(list(self.sampler), self.rank, self.world_size, pad=True)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         batches = self._batches()
@@ -296,6 +342,8 @@ class SequenceDataModule(pl.LightningDataModule):
         self.cache_dir = cache_dir
         self.seed = seed
         self.device_batches = device_batches
+        # The split that test_dataloader (trainer.test) serves.
+        self.test_split = "test"
         self.data: SequenceData | None = None
         self._device_windows: tuple[torch.Tensor, np.ndarray] | None = None
         self._train_item_counts: torch.Tensor | None = None
@@ -384,13 +432,29 @@ class SequenceDataModule(pl.LightningDataModule):
             seed=self.seed,
         )
         sampler.set_epoch(epoch)
+        rank, world_size = self._process_share()
         device = self._train_batch_device(windows)
         if device is None:
+            if world_size > 1:
+                return self._loader(windows, RankBatches(sampler, rank, world_size, pad=True))
             return self._loader(windows, sampler)
         matrix, lengths = self._windows_on(device, windows)
-        trainer = self.trainer
-        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         return DeviceTrainBatches(matrix, lengths, sampler, rank=rank, world_size=world_size)
+
+    def _process_share(self) -> tuple[int, int]:
+        """(rank, world_size) of this process in the trainer's data parallelism; (0, 1) alone."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return 0, 1
+        # Lightning's own sharding would split each rank's share again and pad it with duplicates.
+        # (Its flag has no public getter; getattr keeps this a check, not a dependency.)
+        connector = getattr(trainer, "_accelerator_connector", None)
+        if getattr(connector, "use_distributed_sampler", False):
+            raise UserInputError(
+                f"trainer.use_distributed_sampler: must be false with {trainer.world_size} processes "
+                "(the data module deals each process its own users); use trainer=ddp"
+            )
+        return trainer.global_rank, trainer.world_size
 
     def _train_batch_device(self, windows: TrainWindows) -> torch.device | None:
         """The device to keep the training windows on, or None for the DataLoader."""
@@ -442,17 +506,24 @@ class SequenceDataModule(pl.LightningDataModule):
 
     def eval_dataloader(self, split: str, all_users: bool = False) -> DataLoader:
         """Batches of (user, history, target, exclude). Validation during training uses the
-        data.val_users subset if set; test, and `all_users=True`, always use every user."""
+        data.val_users subset if set; test, and `all_users=True`, always use every user.
+
+        Users in index order, eval_batch_size at a time; with several processes each process gets
+        every world_size-th of these batches (each user exactly once, nothing padded)."""
         self.setup()
         subset = self.validation_users() if split == "val" and not all_users else None
         users = EvalUsers(self.data, split, self.max_len, users=subset)
         sampler = LengthBucketBatchSampler(
             np.zeros(len(users)), self.eval_batch_size, shuffle=False, bucketing=False
         )
+        rank, world_size = self._process_share()
+        if world_size > 1:
+            return self._loader(users, RankBatches(sampler, rank, world_size, pad=False))
         return self._loader(users, sampler)
 
     def val_dataloader(self) -> DataLoader:
         return self.eval_dataloader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self.eval_dataloader("test")
+        # Every user; evaluate.py sets test_split = "val" to test a checkpoint on the validation targets.
+        return self.eval_dataloader(self.test_split, all_users=True)

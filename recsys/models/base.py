@@ -4,6 +4,11 @@ A model subclasses `SequentialRecommender`, builds its network in `__init__`, an
 `training_step` and `score(history) -> (B, num_items + 1)`. Validation and test then rank every item
 for every user through `recsys.metrics`, identically for all models.
 
+Several processes (`trainer=ddp`): each process ranks its own users (the data module deals them out,
+each exactly once); the metric sums and user counts are all-reduced at epoch end, so the means are
+the same as one process would get, and the per-user ranks of the test are gathered from all
+processes (`test_results`, sorted by user, on every rank).
+
 train.py calls `check_options(model_config, loss)` before it reads any data, so that a bad option
 (a loss the model cannot use, a probability out of range) fails in a second, not after the data has
 been preprocessed. A model with options of its own to check extends it.
@@ -12,6 +17,7 @@ been preprocessed. A model with options of its own to check extends it.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -36,6 +42,13 @@ from recsys.metrics import (
 )
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
+
+# Lightning advises sync_dist=True for epoch-level logs under DDP (a mean of per-process values);
+# the val/ and test/ metrics are logged already reduced exactly over all processes, so the advice,
+# repeated for each metric, does not apply.
+warnings.filterwarnings(
+    "ignore", message=r"It is recommended to use `self\.log\('(val|test)/.*sync_dist=True"
+)
 
 
 def keep_last_items(history: torch.Tensor, max_len: int) -> torch.Tensor:
@@ -97,6 +110,7 @@ class SequentialRecommender(pl.LightningModule):
         self.catalogue: dict | None = None
         # Items scored at a time in evaluation: B x this many float32 scores, whatever the catalogue.
         self.ranking_chunk_size = 65536
+        # {"user", "rank"} of every user of the last test pass, from all processes, sorted by user.
         self.test_results: dict[str, torch.Tensor] = {}
         self._test_users: list[torch.Tensor] = []
         self._test_ranks: list[torch.Tensor] = []
@@ -131,6 +145,18 @@ class SequentialRecommender(pl.LightningModule):
         return type(self).user_vectors is not SequentialRecommender.user_vectors
 
     # --- optimisation ----------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        # DDP wraps the model to all-reduce gradients, and refuses a model with nothing to train.
+        if (
+            stage == "fit"
+            and self.trainer.world_size > 1
+            and not any(p.requires_grad for p in self.parameters())
+        ):
+            raise UserInputError(
+                f"trainer.strategy: {type(self).__name__} has nothing to train in {self.trainer.world_size} "
+                "processes; train it in one (trainer=default), then evaluate.py strategy=ddp runs in several"
+            )
 
     def configure_optimizers(self):
         # On a GPU, AdamW's fused kernel: one launch per step instead of several per parameter.
@@ -216,14 +242,29 @@ class SequentialRecommender(pl.LightningModule):
         return target_ranks(scores, target, exclude), top, lambda index: scores.gather(1, index)
 
     def _reduce_sum(self, totals: torch.Tensor) -> torch.Tensor:
-        if self._trainer is None:
+        # Called at every epoch end on every rank, also on a rank that had only an empty batch.
+        if self._trainer is None or self.trainer.world_size == 1:
             return totals
         return self.trainer.strategy.reduce(totals.to(self.device), reduce_op="sum").cpu()
+
+    def _gather_cat(self, values: torch.Tensor) -> torch.Tensor:
+        """The 1-d `values` of all ranks, concatenated in rank order (lengths may differ by rank)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return values
+        strategy = self.trainer.strategy
+        # Lightning's all_gather wants equal shapes: gather the lengths, pad, gather, trim.
+        lengths = strategy.all_gather(torch.tensor([len(values)], device=self.device)).reshape(-1).tolist()
+        padded = values.new_zeros(max(1, *lengths))  # never 0-sized: some backends refuse it
+        padded[: len(values)] = values
+        gathered = strategy.all_gather(padded.to(self.device)).reshape(len(lengths), -1).cpu()
+        return torch.cat([row[:n] for row, n in zip(gathered, lengths)])
 
     def on_validation_epoch_start(self) -> None:
         self.val_metrics.reset()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        if batch["target"].numel() == 0:  # a process's empty share (see recsys/data/datamodule.py)
+            return
         self.val_metrics.update(self._rank(batch, None)[0])
 
     def on_validation_epoch_end(self) -> None:
@@ -237,9 +278,18 @@ class SequentialRecommender(pl.LightningModule):
         if self.list_metrics is not None:
             self.list_metrics.reset()
         self._test_users, self._test_ranks = [], []
-        self._sampling_generator = None  # re-seeded each pass: the same negatives every time
+
+    def _batch_generator(self, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Generator:
+        """The generator of a batch's sampled negatives, seeded by evaluation.sampled.seed and the
+        batch's first user: the same negatives in every pass, whichever process ranks the batch."""
+        seed = np.random.SeedSequence([self.sampled_evaluation["seed"], int(batch["user"][0])])
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int(seed.generate_state(1)[0]))
+        return generator
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        if batch["target"].numel() == 0:  # a process's empty share (see recsys/data/datamodule.py)
+            return
         k = max(self.ks) if self.list_metrics is not None else None
         ranks, top, scores_of = self._rank(batch, k)
         self.test_metrics.update(ranks)
@@ -247,16 +297,13 @@ class SequentialRecommender(pl.LightningModule):
             self.list_metrics.update(top)
         if self.sampled_evaluation is not None:
             settings = self.sampled_evaluation
-            if self._sampling_generator is None:
-                self._sampling_generator = torch.Generator(device=ranks.device)
-                self._sampling_generator.manual_seed(settings["seed"])
             probabilities = settings["probabilities"]
             negatives = sample_unseen(
                 batch["target"],
                 batch["exclude"],
                 self.num_items,
                 settings["num_negatives"],
-                self._sampling_generator,
+                self._batch_generator(batch, ranks.device),
                 None if probabilities is None else probabilities.to(ranks.device),
             )
             self.sampled_metrics.update(
@@ -273,4 +320,11 @@ class SequentialRecommender(pl.LightningModule):
             sampled = self.sampled_metrics.compute(self._reduce_sum)
             results.update({f"{self.sampled_label}/{name}": value for name, value in sampled.items()})
         self.log_dict({f"test/{name}": value for name, value in results.items()}, sync_dist=False)
-        self.test_results = {"user": torch.cat(self._test_users), "rank": torch.cat(self._test_ranks)}
+        local_users = torch.cat(self._test_users) if self._test_users else torch.zeros(0, dtype=torch.long)
+        local_ranks = torch.cat(self._test_ranks) if self._test_ranks else torch.zeros(0, dtype=torch.long)
+        users, ranks = self._gather_cat(local_users), self._gather_cat(local_ranks)
+        order = torch.argsort(users, stable=True)
+        users, ranks = users[order], ranks[order]
+        if len(users) > 1 and bool((users[1:] == users[:-1]).any()):
+            raise RuntimeError("test: a user was evaluated more than once (duplicated across processes)")
+        self.test_results = {"user": users, "rank": ranks}
