@@ -5,13 +5,14 @@
     python train.py -m model.dropout=0.2,0.5          # a sweep: one directory per run
 
 The run directory (hydra.run.dir) receives config.yaml, checkpoints/, metrics.json, per_user.parquet
-and the loggers' files.
+and the loggers' files. Pointed at the directory of an interrupted run, train.py resumes it from its
+newest complete checkpoint (recsys/resume.py).
 """
 
 from __future__ import annotations
 
+import logging
 import statistics
-import time
 from pathlib import Path
 
 import hydra
@@ -22,25 +23,32 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
 
-from recsys.callbacks import EpochTimer
-from recsys.errors import UserInputError
+from recsys.callbacks import EpochTimer, TrainingState
+from recsys.distributed import trainer_errors
 from recsys.hardware import check_precision, maybe_compile, uses_cuda
 from recsys.models.from_config import build_model, check_model_config
 from recsys.results import per_user_frame, slice_metrics, write_csv_atomic, write_parquet_atomic
+from recsys.resume import AtomicCheckpointIO, check_resume_data, plan_resume
 from recsys.runs import (
+    build_loggers,
     default_wandb_mode,
     format_table,
+    git_state,
+    launch_rank,
+    log_wandb_results,
     run_with_user_errors,
     write_config,
     write_json_atomic,
 )
 
+log = logging.getLogger(__name__)
 OmegaConf.register_new_resolver("project_root", lambda: str(Path(__file__).resolve().parent), replace=True)
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
-    if (run_dir / "metrics.json").exists():
-        raise UserInputError(f"hydra.run.dir: {run_dir} already holds a finished run; choose a new directory")
+    # A finished run is refused; an interrupted one (config.yaml, a checkpoint, no metrics.json)
+    # is resumed if its config is the same.
+    resume = plan_resume(run_dir, cfg, rank=launch_rank())
     default_wandb_mode()
     torch.set_float32_matmul_precision(cfg.matmul_precision)
     check_model_config(cfg)  # a bad model or loss option fails now, before the data is read
@@ -50,24 +58,33 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     datamodule = instantiate(cfg.data)  # reading and preprocessing are deterministic by themselves
     datamodule.prepare_data()
     datamodule.setup("fit")
+    if resume is not None:
+        check_resume_data(resume, datamodule.fingerprint)
     pl.seed_everything(cfg.seed, workers=True)
     model = build_model(cfg, datamodule)
     maybe_compile(model, cfg.compile, device_type)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
-    loggers = [instantiate(c) for c in cfg.logger.values() if c is not None] if cfg.logger else []
-    trainer: pl.Trainer = instantiate(
-        cfg.trainer,
-        precision=precision,
-        callbacks=callbacks,
-        logger=loggers or False,
-    )
+    training_state = TrainingState()  # RNG states etc. in every checkpoint, for an exact resume
+    callbacks.append(training_state)
+    loggers, wandb_artifacts = build_loggers(cfg.logger, run_dir, resume.global_step if resume else None)
+    with trainer_errors(cfg.trainer):  # a strategy or devices that are not there: one line
+        trainer: pl.Trainer = instantiate(
+            cfg.trainer,
+            precision=precision,
+            callbacks=callbacks,
+            logger=loggers or False,
+            plugins=[AtomicCheckpointIO()],  # a checkpoint file is complete or absent
+        )
     write_config(run_dir / "config.yaml", cfg)
+    provenance = {"git": git_state(cfg.paths.root_dir), "data_fingerprint": datamodule.fingerprint}
     for lg in loggers:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        lg.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), **provenance})
 
-    started = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule)
-    train_seconds = time.perf_counter() - started
+    if resume is not None:
+        log.info("resuming from %s (epoch %d, step %d)", resume.checkpoint, resume.epoch, resume.global_step)
+    ckpt_path = str(resume.checkpoint) if resume is not None else None
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    train_seconds = training_state.training_seconds()  # with the interrupted runs' training time
 
     # Test the best validation checkpoint, read back with weights_only=True.
     best_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
@@ -102,6 +119,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         "best_checkpoint": str(Path(best_path).relative_to(run_dir)) if best_path else None,
         "data": cfg.data.name,
         "data_fingerprint": datamodule.fingerprint,
+        "resumed_from": str(resume.checkpoint.relative_to(run_dir)) if resume is not None else None,
         "exclude_seen": True,
         "protocol": "leave-one-out, full ranking, seen items excluded, pessimistic ties",
     }
@@ -109,9 +127,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         write_json_atomic(run_dir / "metrics.json", metrics)
         for lg in loggers:
             if isinstance(lg, WandbLogger):
-                lg.experiment.summary.update(
-                    {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-                )
+                log_wandb_results(lg, run_dir, metrics, best_path, wandb_artifacts)
         print(f"\ntest metrics ({cfg.data.name}, best epoch {best_epoch}), run dir {run_dir}")
         print(format_table(metrics, "test", model.ks))
     return metrics
