@@ -67,12 +67,13 @@ def compile_problem(device_type: str) -> str | None:
     return None
 
 
-def maybe_compile(model: nn.Module, enabled: bool, device_type: str) -> bool:
+def maybe_compile(model: nn.Module, enabled: bool, device_type: str, backend: str = "inductor") -> bool:
     """Compile `model`'s forward in place (state-dict keys unchanged) if asked and possible.
 
     Only the network is compiled; losses and ranking stay eager (their chunk loops would each
     recompile). Shapes vary from batch to batch (trimmed to the longest sequence), so dimensions
-    are marked dynamic after the first recompilation, PyTorch's default.
+    are marked dynamic after the first recompilation, PyTorch's default. `backend` is torch.compile's
+    (the tests use "aot_eager": the same graph capture without code generation).
     """
     if not enabled:
         return False
@@ -80,7 +81,7 @@ def maybe_compile(model: nn.Module, enabled: bool, device_type: str) -> bool:
     if problem is not None:
         _fallback(f"compile: torch.compile cannot run here ({problem}); training eager instead")
         return False
-    model.compile()
+    model.compile(backend=backend)
     return True
 
 
