@@ -32,7 +32,7 @@ from recsys.distributed import check_trainer_options, trainer_errors
 from recsys.errors import UserInputError
 from recsys.hardware import check_precision
 from recsys.models.from_config import build_model
-from recsys.results import per_user_frame, slice_metrics, write_csv_atomic, write_parquet_atomic
+from recsys.results import write_test_results
 from recsys.runs import atomic_path, format_table, run_with_user_errors, write_json_atomic
 from recsys.tables import results_table, to_markdown, write_tables
 
@@ -116,16 +116,7 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     }
     if not trainer.is_global_zero:
         return summary  # every process holds the same results; rank 0 writes them
-    frame = per_user_frame(
-        datamodule.data,
-        cfg.split,
-        model.test_results["user"],
-        model.test_results["rank"],
-        model.ks,
-        datamodule.train_item_counts(),
-    )
-    write_parquet_atomic(frame, out_dir / "per_user.parquet")
-    write_csv_atomic(slice_metrics(frame), out_dir / "slices.csv")
+    frame = write_test_results(datamodule, cfg.split, model, out_dir)
     write_json_atomic(out_dir / "metrics.json", summary)
     print(
         f"\n{cfg.split} metrics of {ckpt_path} ({run_cfg.data.name}, {len(frame)} users), written to {out_dir}"

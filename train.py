@@ -27,7 +27,7 @@ from recsys.callbacks import EpochTimer, TrainingState
 from recsys.distributed import trainer_errors
 from recsys.hardware import check_precision, maybe_compile, uses_cuda
 from recsys.models.from_config import build_model, check_model_config
-from recsys.results import per_user_frame, slice_metrics, write_csv_atomic, write_parquet_atomic
+from recsys.results import write_test_results
 from recsys.resume import AtomicCheckpointIO, check_resume_data, plan_resume
 from recsys.runs import (
     build_loggers,
@@ -97,16 +97,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     test_metrics = trainer.test(model, datamodule=datamodule, verbose=False)[0]
 
     if trainer.is_global_zero:
-        frame = per_user_frame(
-            datamodule.data,
-            "test",
-            model.test_results["user"],
-            model.test_results["rank"],
-            model.ks,
-            datamodule.train_item_counts(),
-        )
-        write_parquet_atomic(frame, run_dir / "per_user.parquet")
-        write_csv_atomic(slice_metrics(frame), run_dir / "slices.csv")
+        write_test_results(datamodule, "test", model, run_dir)
     timer = next((c for c in callbacks if isinstance(c, EpochTimer)), None)
     epoch_seconds = timer.epoch_seconds if timer else []
     metrics = {

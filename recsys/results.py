@@ -92,3 +92,18 @@ def write_parquet_atomic(frame: pd.DataFrame, path: str | os.PathLike) -> None:
 def write_csv_atomic(frame: pd.DataFrame, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
+
+
+def write_test_results(datamodule, split: str, model, out_dir: str | os.PathLike) -> pd.DataFrame:
+    """per_user.parquet and slices.csv of a model's last test pass (train.py and evaluate.py)."""
+    frame = per_user_frame(
+        datamodule.data,
+        split,
+        model.test_results["user"],
+        model.test_results["rank"],
+        model.ks,
+        datamodule.train_item_counts(),
+    )
+    write_parquet_atomic(frame, os.path.join(out_dir, "per_user.parquet"))
+    write_csv_atomic(slice_metrics(frame), os.path.join(out_dir, "slices.csv"))
+    return frame
