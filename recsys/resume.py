@@ -64,9 +64,9 @@ class Resume:
 def plan_resume(run_dir: Path, cfg: DictConfig, rank: int = 0) -> Resume | None:
     """What to do with `run_dir`: None for a new run, a `Resume` for an interrupted one.
 
-    Raises UserInputError for a finished run, a config that differs from the saved one, and an
-    interrupted run without a complete checkpoint (on rank 0; other ranks of a job that is just
-    starting find rank 0's config.yaml and no checkpoint, and start with it).
+    Raises UserInputError for a finished run and a config that differs from the saved one. An
+    interrupted run with the same config but no complete checkpoint (stopped in its first epoch,
+    e.g. a SLURM job preempted early and requeued) starts over, with a warning.
     """
     if (run_dir / "metrics.json").exists():
         raise UserInputError(f"hydra.run.dir: {run_dir} already holds a finished run; choose a new directory")
@@ -89,9 +89,12 @@ def plan_resume(run_dir: Path, cfg: DictConfig, rank: int = 0) -> Resume | None:
         )
     resume = newest_checkpoint(run_dir, rename_unreadable=rank == 0)
     if resume is None and rank == 0:
-        raise UserInputError(
-            f"hydra.run.dir: {run_dir} holds an interrupted run but no complete checkpoint to resume from "
-            f"(it stopped before its first epoch ended); delete the directory to start again, or choose a new one"
+        # Stopped before its first checkpoint (a SLURM job preempted or timed out in its first
+        # epoch comes back here on requeue): with the same config, starting over is resuming.
+        log.warning(
+            "hydra.run.dir: %s holds an interrupted run with the same config but no complete checkpoint; "
+            "starting it over",
+            run_dir,
         )
     return resume
 

@@ -3,6 +3,7 @@ uninterrupted one ends; half-written checkpoints are never used; bad resume dire
 one-line errors."""
 
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -132,7 +133,7 @@ def test_a_different_config_is_refused_naming_the_keys(runs):
 
 
 @pytest.mark.parametrize("checkpoint", [None, "truncated"])
-def test_an_interrupted_run_without_a_complete_checkpoint_is_refused(runs, tmp_path, checkpoint):
+def test_an_interrupted_run_without_a_complete_checkpoint_starts_over(runs, tmp_path, checkpoint, caplog):
     tmp, _ = runs
     cfg = OmegaConf.load(tmp / "A" / "config.yaml")  # the run's own config: only the checkpoint is missing
     (tmp_path / "checkpoints").mkdir()
@@ -141,8 +142,10 @@ def test_an_interrupted_run_without_a_complete_checkpoint_is_refused(runs, tmp_p
         (tmp_path / "checkpoints" / "last.ckpt").write_bytes(
             (tmp / "A/checkpoints/last.ckpt").read_bytes()[:1000]
         )
-    with pytest.raises(UserInputError, match="holds an interrupted run but no complete checkpoint"):
-        plan_resume(tmp_path, cfg)
+    # Stopped in its first epoch (e.g. preempted and requeued): same config, nothing to resume.
+    with caplog.at_level(logging.WARNING):
+        assert plan_resume(tmp_path, cfg) is None
+    assert "no complete checkpoint; starting it over" in caplog.text
     with pytest.raises(UserInputError, match="already holds a finished run"):
         plan_resume(tmp / "A", cfg)
 
