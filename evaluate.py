@@ -21,7 +21,6 @@ from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -32,6 +31,7 @@ from recsys.distributed import check_trainer_options, trainer_errors
 from recsys.errors import UserInputError
 from recsys.hardware import check_precision
 from recsys.models.from_config import build_model
+from recsys.recommend import load_checkpoint, load_run_config
 from recsys.results import write_test_results
 from recsys.runs import atomic_path, format_table, run_with_user_errors, write_json_atomic
 from recsys.tables import results_table, to_markdown, write_tables
@@ -39,32 +39,17 @@ from recsys.tables import results_table, to_markdown, write_tables
 OmegaConf.register_new_resolver("project_root", lambda: str(Path(__file__).resolve().parent), replace=True)
 
 
-def load_checkpoint(path: Path) -> dict:
-    if not path.is_file():
-        raise UserInputError(f"ckpt_path: {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling errors come in many types
-        raise UserInputError(
-            f"ckpt_path: {path} cannot be read as a checkpoint ({type(err).__name__})"
-        ) from None
-
-
 def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     if cfg.split not in SPLITS:
         raise UserInputError(f"split: {cfg.split!r} is not one of {list(SPLITS)}")
     ckpt_path = Path(cfg.ckpt_path).resolve()
     checkpoint = load_checkpoint(ckpt_path)
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else ckpt_path.parent.parent
-    run_config = run_dir / "config.yaml"
-    if not run_config.is_file():
-        raise UserInputError(f"run_dir: {run_config} not found (the config.yaml that train.py wrote)")
+    run_cfg = load_run_config(ckpt_path, cfg.run_dir)
     options = OmegaConf.to_container(cfg, resolve=False)  # plain values (devices may be a list)
     options = {key: options[key] for key in ("strategy", "accelerator", "devices", "num_nodes")}
     # The data module deals each process its users (once each); Lightning's sampler would pad.
     options["use_distributed_sampler"] = False
     check_trainer_options(options, prefix="")  # before any data is read
-    run_cfg = OmegaConf.load(run_config)
     if cfg.data_path is not None:
         run_cfg.data.path = cfg.data_path
     run_cfg.data.cache_dir = cfg.paths.cache_dir

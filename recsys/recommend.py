@@ -227,16 +227,7 @@ class Recommender:
         if bool(empty.any()):
             popular_scores, popular_items = self.popular(k)
             scores[empty], items[empty] = popular_scores, popular_items
-        count = len(keys)
-        frame = {
-            "session": np.repeat(np.asarray(keys), k),
-            "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), count),
-            "item": self.item_ids[items.numpy().reshape(-1)],
-            "score": scores.numpy().reshape(-1).astype(np.float32),
-            "fallback": np.repeat(empty.numpy(), k),
-            "unknown_items": np.repeat(unknown, k),
-        }
-        return _drop_excluded(pd.DataFrame(frame))
+        return self._long_frame("session", keys, scores, items, fallback=empty.numpy(), unknown_items=unknown)
 
     # --- users of the data -------------------------------------------------------------------------
 
@@ -286,22 +277,23 @@ class Recommender:
 
     def _user_frame(self, history, exclude, k, users) -> pd.DataFrame:
         scores, items = self.top_k(history, k, exclude)
-        scores, items = scores.cpu(), items.cpu()
+        return self._long_frame("user", users, scores.cpu(), items.cpu())
+
+    def _long_frame(self, key: str, keys, scores, items, **per_key) -> pd.DataFrame:
+        """One row per (key, rank) in original item ids; `per_key` columns repeated over the ranks.
+        Rows of excluded items (score -inf, there when k exceeds the unseen items) are dropped."""
+        k = items.size(1)
         frame = pd.DataFrame(
             {
-                "user": np.repeat(users, k),
-                "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), len(users)),
+                key: np.repeat(np.asarray(keys), k),
+                "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), len(keys)),
                 "item": self.item_ids[items.numpy().reshape(-1)],
                 "score": scores.numpy().reshape(-1).astype(np.float32),
+                **{name: np.repeat(values, k) for name, values in per_key.items()},
             }
         )
-        return _drop_excluded(frame)
-
-
-def _drop_excluded(frame: pd.DataFrame) -> pd.DataFrame:
-    """Rows of excluded items (score -inf): there when k exceeds a user's unseen items."""
-    keep = frame["score"].to_numpy() != -np.inf
-    return frame if keep.all() else frame[keep].reset_index(drop=True)
+        keep = frame["score"].to_numpy() != -np.inf
+        return frame if keep.all() else frame[keep].reset_index(drop=True)
 
 
 def user_histories(
