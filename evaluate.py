@@ -55,6 +55,8 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     run_cfg.data.cache_dir = cfg.paths.cache_dir
     if cfg.batch_size is not None:
         run_cfg.data.eval_batch_size = cfg.batch_size
+    if cfg.exclude_events != "as_trained":  # e.g. all seen items instead of bought ones only
+        run_cfg.data.exclude_events = None if cfg.exclude_events == "all" else cfg.exclude_events
 
     datamodule = instantiate(run_cfg.data)
     datamodule.prepare_data()
@@ -71,6 +73,7 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         num_items=checkpoint["num_items"],
         data_fingerprint=trained_on,
         evaluation=cfg.evaluation,
+        num_event_types=int(checkpoint.get("num_event_types", 0)),
     )
     model.load_state_dict(checkpoint["state_dict"])
 
@@ -96,8 +99,8 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         "epoch": int(checkpoint.get("epoch", -1)),
         "data": run_cfg.data.name,
         "data_fingerprint": datamodule.fingerprint,
-        "exclude_seen": True,
-        "protocol": "leave-one-out, full ranking, seen items excluded, pessimistic ties",
+        "exclude_seen": datamodule.exclude_events if datamodule.exclude_events is not None else True,
+        "protocol": datamodule.protocol(),
     }
     if not trainer.is_global_zero:
         return summary  # every process holds the same results; rank 0 writes them

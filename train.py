@@ -111,8 +111,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         "data": cfg.data.name,
         "data_fingerprint": datamodule.fingerprint,
         "resumed_from": str(resume.checkpoint.relative_to(run_dir)) if resume is not None else None,
-        "exclude_seen": True,
-        "protocol": "leave-one-out, full ranking, seen items excluded, pessimistic ties",
+        "exclude_seen": datamodule.exclude_events if datamodule.exclude_events is not None else True,
+        "protocol": datamodule.protocol(),
     }
     if trainer.is_global_zero:
         write_json_atomic(run_dir / "metrics.json", metrics)

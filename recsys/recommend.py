@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from recsys.data.datamodule import EvalUsers, gather_windows
+from recsys.data.datamodule import EvalUsers, EventSplit, gather_windows
 from recsys.data.preprocess import SequenceData
 from recsys.errors import UserInputError
 from recsys.metrics import chunked_top_k, top_k_items
@@ -122,7 +122,14 @@ class Recommender:
             item_counts=counts,
             item_ids=item_ids,
             evaluation={},
+            num_event_types=int(checkpoint.get("num_event_types", 0)),
         )
+        if model.reads_events:
+            raise UserInputError(
+                f"ckpt_path: {ckpt_path} is a model that reads event types or time gaps "
+                "(model.event_embedding / model.time_gaps); serving takes item histories only, so it "
+                "cannot serve this model (evaluate.py can evaluate it)"
+            )
         model.load_state_dict(checkpoint["state_dict"])
         model.data_config = cfg.data  # where recommend_users' data comes from by default
         return cls(model, item_ids, counts, int(cfg.data.max_len), device, item_chunk_size)
@@ -302,9 +309,10 @@ def user_histories(
     """(user indices, history (B, <= max_len), all seen items (B, L)) per batch of users: for val and
     test exactly what evaluation ranks from; for next, everything each user did."""
     if split in ("val", "test"):
-        queries = EvalUsers(data, split, max_len)
-        for begin in range(0, data.num_users, batch_size):
-            batch = queries[np.arange(begin, min(begin + batch_size, data.num_users))]
+        users, target_pos = EventSplit(data, None).targets(split)
+        queries = EvalUsers(data, users, target_pos, max_len)
+        for begin in range(0, len(queries), batch_size):
+            batch = queries[np.arange(begin, min(begin + batch_size, len(queries)))]
             yield batch["user"].numpy(), batch["history"], batch["exclude"]
         return
     starts, ends = data.offsets[:-1], data.offsets[1:]

@@ -30,12 +30,18 @@ def per_user_frame(
     ranks: torch.Tensor,
     ks,
     item_counts: torch.Tensor | None = None,
+    target_positions: np.ndarray | None = None,
 ) -> pd.DataFrame:
+    """`target_positions`: each user's target event of `split` (the data module's split); by
+    default plain leave-one-out's (the last event for test, the one before for val)."""
     users_np = users.numpy().astype(np.int64)
     order = np.argsort(users_np, kind="stable")
     users_np = users_np[order]
     ranks = ranks[torch.from_numpy(order)]
-    target_pos = data.offsets[users_np + 1] - (2 if split == "val" else 1)
+    if target_positions is None:
+        target_pos = data.offsets[users_np + 1] - (2 if split == "val" else 1)
+    else:
+        target_pos = np.asarray(target_positions)[users_np]
     target_items = data.items[target_pos]
     frame = pd.DataFrame(
         {
@@ -103,6 +109,7 @@ def write_test_results(datamodule, split: str, model, out_dir: str | os.PathLike
         model.test_results["rank"],
         model.ks,
         datamodule.train_item_counts(),
+        datamodule.split.val_pos if split == "val" else datamodule.split.test_pos,
     )
     write_parquet_atomic(frame, os.path.join(out_dir, "per_user.parquet"))
     write_csv_atomic(slice_metrics(frame), os.path.join(out_dir, "slices.csv"))

@@ -37,7 +37,8 @@ def test_every_data_config_instantiates(data):
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_every_experiment_composes_and_builds_its_model(experiment):
     cfg = compose_train(f"experiment={experiment}")
-    model = instantiate(cfg.model, num_items=100, data_fingerprint="x")
+    data_derived = {"num_event_types": 3} if "num_event_types" in cfg.model else {}
+    model = instantiate(cfg.model, num_items=100, data_fingerprint="x", **data_derived)
     assert isinstance(model, SequentialRecommender)
 
 

@@ -18,6 +18,17 @@ device-to-host sync). The batches are exactly the DataLoader's: same sampler, sa
 trimming. `auto` turns it on for a CUDA trainer when the matrix fits DEVICE_BATCHES_MAX_BYTES;
 `true` on any device (tests use it on the CPU).
 
+Event types (browse vs buy, data with `data.event_types`): every batch also carries the type id of
+each position (`input_events` / `target_events`, `history_events` / `target_event`) and its time-gap
+bucket (`input_gaps` / `target_gaps`, `history_gaps`; see `time_gap_buckets`); models that were
+built to read them do, the others ignore them. `data.target_events` makes the split and the loss
+follow those types: a user's test target is their last event of a target type and the validation
+target the one before it (the history is the full mixed sequence before each), and training
+batches carry `target_mask`, true where the next event is of a target type; only those positions
+enter the loss. `data.exclude_events` says which seen items are removed from the ranking: those of
+the history's events of these types (default: every seen item; for next-purchase, previously
+*bought* items only, since customers buy what they viewed).
+
 Several processes (`trainer=ddp`): the data module gives each process its share itself, and the
 trainer must not wrap the loaders in a DistributedSampler (`use_distributed_sampler: false`, set by
 `configs/trainer/ddp.yaml`). Every process builds the same batches in the same order (same seed,
@@ -46,6 +57,62 @@ from recsys.errors import UserInputError
 log = logging.getLogger(__name__)
 
 SPLITS = ("val", "test")
+# Time-gap buckets: 0 padding or unknown (a BERT4Rec [MASK]), 1 a user's first event, then
+# 2 + floor(log2(1 + gap)) in the timestamps' unit (seconds: 2 is under a second, 13 about an
+# hour, 18 about a day), capped so that every int64 gap has a bucket.
+NUM_GAP_BUCKETS = 66
+
+
+def time_gap_buckets(offsets: np.ndarray, timestamps: np.ndarray) -> np.ndarray:
+    """(num_events,) int8 bucket of the time since the same user's previous event."""
+    gaps = np.diff(timestamps.astype(np.float64), prepend=0.0)
+    buckets = 2 + np.floor(np.log2(1.0 + np.maximum(gaps, 0.0)))
+    buckets = np.minimum(buckets, NUM_GAP_BUCKETS - 1).astype(np.int8)
+    first = offsets[:-1][np.diff(offsets) > 0]
+    buckets[first] = 1
+    return buckets
+
+
+class EventSplit:
+    """Where each user's validation and test targets are, and where their training part ends.
+
+    Without target types (plain leave-one-out): the last event is the test target, the one before
+    it the validation target. With target types: the user's last and second-to-last events of
+    those types. Positions index the data's CSR arrays; -1 means none (a user with a single target
+    event is tested but not validated; one with none is skipped). A target needs at least one
+    event before it to be evaluated.
+    """
+
+    def __init__(self, data: SequenceData, target_codes: list[int] | None):
+        starts, ends = data.offsets[:-1], data.offsets[1:]
+        if target_codes is None:
+            self.test_pos = ends - 1
+            self.val_pos = ends - 2
+            self.skipped_users = 0
+        else:
+            is_target = np.isin(data.events, target_codes)
+            positions = np.flatnonzero(is_target)
+            owner = np.searchsorted(ends, positions, side="right")  # user of each target event
+            count = np.bincount(owner, minlength=data.num_users)
+            last = np.full(data.num_users, -1, dtype=np.int64)
+            np.maximum.at(last, owner, positions)
+            before_last = np.full(data.num_users, -1, dtype=np.int64)
+            earlier = positions < last[owner]
+            np.maximum.at(before_last, owner[earlier], positions[earlier])
+            self.test_pos, self.val_pos = last, before_last
+            self.skipped_users = int((count == 0).sum())
+        self.is_target = None if target_codes is None else np.isin(data.events, target_codes)
+        # Training uses everything before the validation target (or the test target, for a user
+        # without one): no target is ever trained on.
+        train_end = np.where(self.val_pos >= 0, self.val_pos, self.test_pos)
+        self.train_end = np.where(train_end >= 0, train_end, starts)
+        self.starts = starts
+
+    def targets(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """(users, target positions) of the users evaluable on `split`, users ascending."""
+        positions = self.val_pos if split == "val" else self.test_pos
+        users = np.flatnonzero(positions > self.starts)  # -1 < start; a target needs a history
+        return users, positions[users]
 # `data.device_batches: auto` keeps the training windows on a CUDA device only up to this size.
 DEVICE_BATCHES_MAX_BYTES = 1 << 30
 
@@ -67,8 +134,18 @@ class TrainWindows(Dataset):
     learns from every position of one sequence in one pass (no per-prefix samples).
     """
 
-    def __init__(self, items: np.ndarray, starts: np.ndarray, ends: np.ndarray):
+    def __init__(
+        self,
+        items: np.ndarray,
+        starts: np.ndarray,
+        ends: np.ndarray,
+        events: np.ndarray | None = None,
+        gaps: np.ndarray | None = None,
+        is_target: np.ndarray | None = None,
+    ):
         self.items, self.starts, self.ends = items, starts, ends
+        # Per-event arrays aligned with `items` (event-typed data only).
+        self.events, self.gaps, self.is_target = events, gaps, is_target
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -84,45 +161,102 @@ class TrainWindows(Dataset):
         # The last item of a window is only a target: padding it out of the inputs keeps every
         # row's inputs exactly the positions that have a target, as at inference.
         inputs = np.where(targets != 0, windows[:, :-1], 0)
-        return {
+        batch = {
             "input_ids": torch.from_numpy(np.ascontiguousarray(inputs)),
             "target_ids": torch.from_numpy(np.ascontiguousarray(targets)),
         }
+        starts, ends = self.starts[indices], self.ends[indices]
+        for name, values in (("events", self.events), ("gaps", self.gaps)):
+            if values is not None:
+                window = gather_windows(values, starts, ends).astype(np.int64)
+                batch[f"input_{name}"] = torch.from_numpy(np.where(targets != 0, window[:, :-1], 0))
+                batch[f"target_{name}"] = torch.from_numpy(np.ascontiguousarray(window[:, 1:]))
+        if self.is_target is not None:
+            # Only positions whose next event is of a target type enter the loss.
+            mask = gather_windows(self.is_target, starts, ends)[:, 1:].astype(bool)
+            batch["target_mask"] = torch.from_numpy(np.ascontiguousarray(mask))
+        return batch
 
 
 class EvalUsers(Dataset):
-    """Validation or test queries: (history, target, items to exclude) for every user.
+    """Validation or test queries: (history, target, items to exclude) of each given user.
 
-    For split 'val' the target is the second-to-last event and the history everything before it; for
-    'test' the target is the last event and the history includes the validation item. `history` is
-    the last max_len items (what the model sees); `exclude` is the whole history (seen items that
-    are removed from the ranking).
+    `target_pos[i]` is user `users[i]`'s target event (see EventSplit); the history is everything
+    before it. `history` is its last max_len items (what the model sees); `exclude` is the items of
+    the whole history that are removed from the ranking: all of them, or with `exclude_codes` only
+    those of events of these types. Event-typed data also yields `history_events`, `history_gaps`
+    and `target_event` (the type of event being predicted, e.g. a purchase). `hide_target_item`
+    leaves the target item's own earlier events out of the history (see data.hide_target_item).
     """
 
-    def __init__(self, data: SequenceData, split: str, max_len: int, users: np.ndarray | None = None):
-        if split not in SPLITS:
-            raise UserInputError(f"split: {split!r} is not one of {list(SPLITS)}")
+    def __init__(
+        self,
+        data: SequenceData,
+        users: np.ndarray,
+        target_pos: np.ndarray,
+        max_len: int,
+        exclude_codes: list[int] | None = None,
+        gaps: np.ndarray | None = None,
+        hide_target_item: bool = False,
+    ):
         self.data = data
+        self.hide_target_item = hide_target_item
         self.max_len = max_len
-        self.users = np.arange(data.num_users, dtype=np.int64) if users is None else users
-        starts = data.offsets[:-1][self.users]
-        self.target_pos = data.offsets[1:][self.users] - (2 if split == "val" else 1)
-        self.seen_start = starts
-        self.history_start = np.maximum(starts, self.target_pos - max_len)
+        self.users = users
+        self.target_pos = target_pos
+        self.seen_start = data.offsets[:-1][users]
+        self.exclude_codes = exclude_codes
+        self.gaps = gaps
 
     def __len__(self) -> int:
         return len(self.users)
 
     def __getitem__(self, indices) -> dict[str, torch.Tensor]:
         indices = np.asarray(indices, dtype=np.int64)
-        items = self.data.items
+        data = self.data
         target_pos = self.target_pos[indices]
-        return {
+        target = data.items[target_pos]
+        seen_start = self.seen_start[indices]
+        # Every event before the target, right-padded; with hide_target_item, without the
+        # target item's own earlier events (then compacted, still right-padded).
+        seen = gather_windows(data.items, seen_start, target_pos)
+        per_event = {"events": data.events, "gaps": self.gaps} if data.has_events else {}
+        seen_features = {k: gather_windows(v, seen_start, target_pos) for k, v in per_event.items()}
+        if self.hide_target_item:
+            keep = (seen != 0) & (seen != target[:, None])
+            order = np.argsort(~keep, axis=1, kind="stable")  # kept positions first, in time order
+            kept = np.take_along_axis(keep, order, axis=1)
+            seen = np.where(kept, np.take_along_axis(seen, order, axis=1), 0)
+            seen_features = {
+                k: np.where(kept, np.take_along_axis(v, order, axis=1), 0) for k, v in seen_features.items()
+            }
+        lengths = (seen != 0).sum(axis=1)
+        # The model sees the last max_len of them.
+        begin = np.maximum(lengths - self.max_len, 0)
+        width = min(self.max_len, max(int(lengths.max(initial=0)), 1))  # trimmed to the longest row
+        columns = begin[:, None] + np.arange(width)[None, :]
+        in_history = columns < lengths[:, None]
+        columns = np.minimum(columns, max(seen.shape[1] - 1, 0))
+
+        def history_of(values: np.ndarray) -> np.ndarray:
+            if values.shape[1] == 0:
+                return values.astype(np.int64)
+            return np.where(in_history, np.take_along_axis(values, columns, axis=1), 0).astype(np.int64)
+
+        exclude = seen
+        if self.exclude_codes is not None:
+            exclude = np.where(np.isin(seen_features["events"], self.exclude_codes), seen, 0)
+        batch = {
             "user": torch.from_numpy(self.users[indices]),
-            "history": torch.from_numpy(gather_windows(items, self.history_start[indices], target_pos)),
-            "target": torch.from_numpy(items[target_pos]),
-            "exclude": torch.from_numpy(gather_windows(items, self.seen_start[indices], target_pos)),
+            "history": torch.from_numpy(history_of(seen)),
+            "target": torch.from_numpy(target),
+            "exclude": torch.from_numpy(exclude),
         }
+        if data.has_events:
+            batch["history_events"] = torch.from_numpy(history_of(seen_features["events"]))
+            batch["target_event"] = torch.from_numpy(data.events[target_pos].astype(np.int64))
+            batch["history_gaps"] = torch.from_numpy(history_of(seen_features["gaps"]))
+        return batch
 
 
 class LengthBucketBatchSampler(Sampler[np.ndarray]):
@@ -304,8 +438,18 @@ class SequenceDataModule(pl.LightningDataModule):
         cache_dir: str | None = None,
         seed: int = 0,
         device_batches: bool | str = "auto",
+        test_path: str | None = None,
+        min_history: int = 3,
+        time_order: str = "sort",
+        event_types: list[str] | None = None,
+        event_map: dict[str, str] | None = None,
+        keep_events: list[str] | None = None,
+        target_events: list[str] | None = None,
+        exclude_events: list[str] | None = None,
+        hide_target_item: bool = False,
     ):
         super().__init__()
+        self.hide_target_item = hide_target_item
         if isinstance(device_batches, str):  # also "true" / "false" when not parsed by YAML
             choices = {"auto": "auto", "true": True, "false": False}
             device_batches = choices.get(device_batches.lower(), device_batches)
@@ -324,13 +468,32 @@ class SequenceDataModule(pl.LightningDataModule):
             "columns": dict(columns) if columns else None,
             "sep": sep,
             "synthetic": dict(synthetic) if synthetic else None,
+            "test_path": test_path,
         }
+        for key, value in (("target_events", target_events), ("exclude_events", exclude_events)):
+            if value is not None and event_types is None:
+                raise UserInputError(f"data.{key}: needs data.event_types (the event names the data holds)")
+        if target_events is not None and len(target_events) == 0:
+            raise UserInputError("data.target_events: an empty list predicts nothing; use null for every event")
+        if target_events is not None and keep_events is not None:
+            dropped = [name for name in target_events if name not in keep_events]
+            if dropped:
+                raise UserInputError(
+                    f"data.target_events: {dropped} would be dropped by data.keep_events {list(keep_events)}"
+                )
         self.settings = PreprocessSettings(
             min_rating=min_rating,
             min_user_interactions=min_user_interactions,
             min_item_interactions=min_item_interactions,
             kcore_iterative=kcore_iterative,
+            min_history=min_history,
+            time_order=time_order,
+            event_types=None if event_types is None else tuple(str(e) for e in event_types),
+            event_map=tuple(sorted((str(k), str(v)) for k, v in (event_map or {}).items())),
+            keep_events=None if keep_events is None else tuple(str(e) for e in keep_events),
         )
+        self.target_events = None if target_events is None else [str(e) for e in target_events]
+        self.exclude_events = None if exclude_events is None else [str(e) for e in exclude_events]
         self.max_len = max_len
         self.sliding_window_step = sliding_window_step
         self.batch_size = batch_size
@@ -345,6 +508,8 @@ class SequenceDataModule(pl.LightningDataModule):
         # The split that test_dataloader (trainer.test) serves.
         self.test_split = "test"
         self.data: SequenceData | None = None
+        self.split: EventSplit | None = None
+        self._gaps: np.ndarray | None = None
         self._device_windows: tuple[torch.Tensor, np.ndarray] | None = None
         self._train_item_counts: torch.Tensor | None = None
 
@@ -361,7 +526,33 @@ class SequenceDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.data is None:
-            self.data = self._load()
+            data = self._load()
+            target_codes = None
+            if self.target_events is not None:
+                target_codes = data.event_ids(self.target_events, "data.target_events")
+                present = set(np.unique(data.events).tolist())
+                absent = [n for n, c in zip(self.target_events, target_codes) if c not in present]
+                if absent:
+                    raise UserInputError(f"data.target_events: {absent} never occur in data {self.name}")
+            if self.exclude_events is not None:
+                data.event_ids(self.exclude_events, "data.exclude_events")  # names checked now
+            self.split = EventSplit(data, target_codes)
+            if self.split.skipped_users:
+                log.info(
+                    "data %s: skipped %d users with no %s event (nothing to predict for them)",
+                    self.name,
+                    self.split.skipped_users,
+                    "/".join(self.target_events),
+                )
+            if data.has_events:
+                self._gaps = time_gap_buckets(data.offsets, data.timestamps)
+            self.data = data
+
+    @property
+    def num_event_types(self) -> int:
+        """Event types of the data (0 without event types); ids are 1..num_event_types."""
+        self.setup()
+        return len(self.data.event_names) - 1 if self.data.has_events else 0
 
     @property
     def num_items(self) -> int:
@@ -378,7 +569,7 @@ class SequenceDataModule(pl.LightningDataModule):
         self.setup()
         data = self.data
         first = data.offsets[:-1]
-        train_end = data.offsets[1:] - 2
+        train_end = self.split.train_end
         span = self.max_len + 1
         if self.sliding_window_step is None:
             ends = train_end
@@ -391,17 +582,33 @@ class SequenceDataModule(pl.LightningDataModule):
             first = first[user_of]
         starts = np.maximum(first, ends - span)
         usable = ends - starts >= 2  # at least one (input, target) pair
-        return TrainWindows(data.items, starts[usable], ends[usable])
+        is_target = self.split.is_target
+        if is_target is not None:
+            # A window whose every next event is of another type has nothing to learn from.
+            targets_before = np.concatenate([[0], np.cumsum(is_target)])
+            usable &= targets_before[np.maximum(ends, starts + 1)] - targets_before[starts + 1] > 0
+        return TrainWindows(
+            data.items,
+            starts[usable],
+            ends[usable],
+            events=data.events,
+            gaps=self._gaps,
+            is_target=is_target,
+        )
 
     def train_item_counts(self) -> torch.Tensor:
         """How often each item (index = item id, 0 = padding) occurs in the training part of the
-        histories (all events but each user's last two): popularity without the held-out items."""
+        histories (all events before each user's validation target): popularity without the
+        held-out items. With data.target_events, only events of those types count (next-purchase
+        popularity is what is bought, not what is viewed)."""
         self.setup()
         if self._train_item_counts is None:  # asked for by the model, its loss and the results
             data = self.data
             lengths = np.diff(data.offsets)
-            position = np.arange(len(data.items)) - np.repeat(data.offsets[:-1], lengths)
-            in_train = position < np.repeat(lengths - 2, lengths)
+            position = np.arange(len(data.items))
+            in_train = position < np.repeat(self.split.train_end, lengths)
+            if self.split.is_target is not None:
+                in_train &= self.split.is_target
             counts = np.bincount(data.items[in_train], minlength=data.num_items + 1)
             self._train_item_counts = torch.from_numpy(counts.astype(np.int64))
         return self._train_item_counts
@@ -460,6 +667,13 @@ class SequenceDataModule(pl.LightningDataModule):
         """The device to keep the training windows on, or None for the DataLoader."""
         if self.device_batches is False:
             return None
+        if self.data.has_events:
+            # The device matrix holds item ids only; event types and gaps come through the loader.
+            if self.device_batches is True:
+                raise UserInputError(
+                    "data.device_batches: not available for event-typed data (data.event_types); use auto or false"
+                )
+            return None
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         if self.device_batches is True:
             return device
@@ -496,6 +710,43 @@ class SequenceDataModule(pl.LightningDataModule):
         if stage == "fit":
             self._device_windows = None  # free the device memory once training is over
 
+    def protocol(self) -> str:
+        """The evaluation protocol in words, for metrics.json."""
+        if self.target_events is None:
+            target = "leave-one-out"
+        else:
+            target = f"next {'/'.join(self.target_events)} event from the full history before it"
+        if self.exclude_events is None:
+            seen = "seen items excluded"
+        elif not self.exclude_events:
+            seen = "no seen item excluded"
+        else:
+            seen = f"items of earlier {'/'.join(self.exclude_events)} events excluded"
+        return f"{target}, full ranking, {seen}, pessimistic ties"
+
+    def evaluated_users(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """(users, target positions) evaluated on `split`: every user whose target has a history
+        (all users under plain leave-one-out; see EventSplit)."""
+        self.setup()
+        users, positions = self.split.targets(split)
+        if self.hide_target_item:
+            # Without the target item's own events a history may be empty: nothing to rank from.
+            data, keep = self.data, np.zeros(len(users), dtype=bool)
+            for begin in range(0, len(users), 4096):
+                rows = slice(begin, begin + 4096)
+                seen = gather_windows(data.items, data.offsets[:-1][users[rows]], positions[rows])
+                target = data.items[positions[rows]]
+                keep[rows] = ((seen != 0) & (seen != target[:, None])).any(axis=1)
+            if not keep.all():
+                log.info(
+                    "data %s: %d %s targets left out: the user did nothing before them but with the target item",
+                    self.name,
+                    int((~keep).sum()),
+                    split,
+                )
+            users, positions = users[keep], positions[keep]
+        return users, positions
+
     def validation_users(self) -> np.ndarray | None:
         """The fixed, seeded subset of users validated on when data.val_users is set (else None)."""
         self.setup()
@@ -511,8 +762,19 @@ class SequenceDataModule(pl.LightningDataModule):
         Users in index order, eval_batch_size at a time; with several processes each process gets
         every world_size-th of these batches (each user exactly once, nothing padded)."""
         self.setup()
+        if split not in SPLITS:
+            raise UserInputError(f"split: {split!r} is not one of {list(SPLITS)}")
+        users, target_pos = self.evaluated_users(split)
         subset = self.validation_users() if split == "val" and not all_users else None
-        users = EvalUsers(self.data, split, self.max_len, users=subset)
+        if subset is not None:
+            chosen = np.isin(users, subset)
+            users, target_pos = users[chosen], target_pos[chosen]
+        exclude_codes = None
+        if self.exclude_events is not None:
+            exclude_codes = self.data.event_ids(self.exclude_events, "data.exclude_events")
+        users = EvalUsers(
+            self.data, users, target_pos, self.max_len, exclude_codes, self._gaps, self.hide_target_item
+        )
         sampler = LengthBucketBatchSampler(
             np.zeros(len(users)), self.eval_batch_size, shuffle=False, bucketing=False
         )

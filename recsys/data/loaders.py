@@ -270,7 +270,11 @@ def _typed_interactions(
             out[canonical] = values.astype(str).to_numpy()
     if "timestamp" not in out:
         out["timestamp"] = np.arange(len(frame), dtype=np.int64)
-    return pd.DataFrame(out)
+    table = pd.DataFrame(out)
+    # Lets preprocessing name the file line of a bad row (None: parquet, rows are not lines).
+    table.attrs["first_data_line"] = first_data_line
+    table.attrs["path"] = str(path)
+    return table
 
 
 def _where(path: Path, position: int, first_data_line: int | None) -> str:
@@ -326,6 +330,90 @@ def _time_column(values, path: Path, name: str, first_data_line: int | None) -> 
     parsed = pd.to_datetime(as_text, errors="coerce", utc=True, format="mixed")
     _check_values(parsed.isna().to_numpy(), values, path, name, first_data_line, "a number or a date-time")
     return parsed.astype("int64").to_numpy()  # nanoseconds since the epoch
+
+
+# --- event-typed sources (browse vs buy) --------------------------------------------------------
+
+
+def read_retailrocket(path: str | os.PathLike, test_path: str | os.PathLike | None = None) -> pd.DataFrame:
+    """The Retail Rocket multi-behaviour subset of ../shared/data/retailrocket_mb.
+
+    `path`: `user_id,item_id,behavior,timestamp` (header; behavior view|cart|buy; unix seconds),
+    rows grouped by user in time order. `test_path`: `user_id,item_id` (header), one held-out
+    purchase per user with no timestamp. Each test purchase is appended after its user's last
+    event, as a `buy` at that event's timestamp, so that "the user's last purchase" is the test
+    target and the one before it (the last training purchase) the validation target.
+    """
+    columns = {"user": "user_id", "item": "item_id", "event": "behavior", "timestamp": "timestamp"}
+    events = read_interactions_file(path, columns)
+    if test_path is None:
+        return events
+    test_path = check_readable(test_path)
+    test = _typed_interactions(
+        _read_delimited(_open_text(test_path), test_path, sep=",", header=True, names=None),
+        test_path,
+        {"user": "user_id", "item": "item_id"},
+        first_data_line=2,
+    )
+    duplicated = test["user"].duplicated().to_numpy()
+    if duplicated.any():
+        row = int(np.argmax(duplicated))
+        raise UserInputError(
+            f"{test_path}:{row + 2}: malformed row: user {test['user'].iloc[row].item()!r} has a second test "
+            "purchase (expected one per user)"
+        )
+    last_time = events.groupby("user", sort=False)["timestamp"].max()
+    unknown = ~test["user"].isin(last_time.index).to_numpy()
+    if unknown.any():
+        row = int(np.argmax(unknown))
+        raise UserInputError(
+            f"{test_path}:{row + 2}: user {test['user'].iloc[row].item()!r} has no events in {path}"
+        )
+    test = test.assign(event="buy", timestamp=last_time.loc[test["user"]].to_numpy())
+    combined = pd.concat([events, test[list(events.columns)]], ignore_index=True)
+    combined.attrs.update(events.attrs)  # lines past the events file's are the test file's rows
+    return combined
+
+
+# Kaggle's Retail Rocket events.csv: the columns in file order and the event names it uses.
+RETAILROCKET_RAW_COLUMNS = ("timestamp", "visitorid", "event", "itemid", "transactionid")
+
+
+def read_retailrocket_raw(path: str | os.PathLike) -> pd.DataFrame:
+    """The original Kaggle Retail Rocket `events.csv`: `timestamp,visitorid,event,itemid,transactionid`
+    with a header, millisecond timestamps (made seconds here, as in the subset) and events
+    `view`, `addtocart`, `transaction` (renamed by the data config's event_map). Not sorted by
+    visitor: rows are put in time order by preprocessing."""
+    path = check_readable(path)
+    frame = _read_delimited(_open_text(path), path, sep=",", header=True, names=None)
+    missing = [c for c in RETAILROCKET_RAW_COLUMNS[:4] if c not in frame.columns]
+    if missing:
+        raise UserInputError(
+            f"{path}: missing column(s) {missing}; expected the Kaggle header "
+            f"{','.join(RETAILROCKET_RAW_COLUMNS)}"
+        )
+    columns = {"user": "visitorid", "item": "itemid", "event": "event", "timestamp": "timestamp"}
+    frame = _typed_interactions(frame, path, columns, first_data_line=2)
+    frame["timestamp"] = frame["timestamp"] // 1000 if frame["timestamp"].dtype.kind in "iu" else (
+        frame["timestamp"] / 1000.0
+    )
+    return frame
+
+
+TAOBAO_COLUMNS = ("user", "item", "category", "event", "timestamp")
+
+
+def read_taobao(path: str | os.PathLike) -> pd.DataFrame:
+    """Taobao UserBehavior: `user,item,category,behavior,timestamp`, no header, unix seconds,
+    behaviours pv|cart|fav|buy, rows grouped by user in time order. A last line cut off mid-row,
+    as in one public excerpt (`301780,543546,4181361,pv,15`), still has five fields: it is caught
+    as a timestamp going backwards (data.time_order: error); remove it from a copy of the file."""
+    path = check_readable(path)
+    frame = _read_delimited(_open_text(path), path, sep=",", header=False, names=TAOBAO_COLUMNS)
+    if frame.shape[1] != len(TAOBAO_COLUMNS):
+        raise UserInputError(f"{path}: expected 5 columns ({', '.join(TAOBAO_COLUMNS)}), got {frame.shape[1]}")
+    columns = {"user": "user", "item": "item", "event": "event", "timestamp": "timestamp"}
+    return _typed_interactions(frame, path, columns, first_data_line=1)
 
 
 # --- synthetic data ---------------------------------------------------------------------------------

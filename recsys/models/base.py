@@ -60,6 +60,15 @@ def keep_last_items(history: torch.Tensor, max_len: int) -> torch.Tensor:
     return history.gather(1, index.clamp(max=history.size(1) - 1)) * (index < lengths)
 
 
+def target_positions(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, L) bool: training positions with a next item, and, where the data module restricts the
+    targets to some event types (`target_mask`), whose next event is of one of them."""
+    has_target = batch["target_ids"] != 0
+    if "target_mask" in batch:
+        has_target = has_target & batch["target_mask"]
+    return has_target
+
+
 def last_real_position(hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """hidden (B, L, d) at each right-padded row's last real item: (B, d)."""
     last = (input_ids != 0).sum(dim=1).clamp(min=1) - 1
@@ -136,9 +145,25 @@ class SequentialRecommender(pl.LightningModule):
         """(num_items + 1, d) vectors of padding (row 0) and the items."""
         raise NotImplementedError(f"{type(self).__name__} must implement item_vectors or score")
 
-    def score(self, history: torch.Tensor) -> torch.Tensor:
-        """Scores (B, num_items + 1) of every item as the next one after right-padded `history`."""
-        return self.user_vectors(history) @ self.item_vectors().T
+    def score(self, history: torch.Tensor, **features: torch.Tensor) -> torch.Tensor:
+        """Scores (B, num_items + 1) of every item as the next one after right-padded `history`
+        (and, for a model that reads them, the `history_features`)."""
+        return self.user_vectors(history, **features) @ self.item_vectors().T
+
+    @property
+    def reads_events(self) -> bool:
+        """True for a model built to read event types or time gaps (recsys/models/events.py):
+        evaluation then hands it the history's `events`, `gaps` and the `target_event` type."""
+        return False
+
+    def history_features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not self.reads_events:
+            return {}
+        return {
+            "events": batch["history_events"],
+            "gaps": batch["history_gaps"],
+            "target_event": batch["target_event"],
+        }
 
     @property
     def scores_by_dot_product(self) -> bool:
@@ -182,6 +207,7 @@ class SequentialRecommender(pl.LightningModule):
                 torch.from_numpy(ids.astype(np.int64)) if ids.dtype.kind in "iu" else [str(i) for i in ids]
             )
             checkpoint["train_item_counts"] = torch.as_tensor(self.catalogue["train_item_counts"])
+        checkpoint["num_event_types"] = int(getattr(self, "num_event_types", 0))
 
     # --- evaluation ------------------------------------------------------------------------------
 
@@ -234,10 +260,11 @@ class SequentialRecommender(pl.LightningModule):
         scores (B, n) of given items (B, n), from one pass of the model over the histories."""
         target, exclude = batch["target"], batch["exclude"]
         if self.scores_by_dot_product:
-            queries, items = self.user_vectors(batch["history"]).float(), self.item_vectors().float()
+            queries = self.user_vectors(batch["history"], **self.history_features(batch)).float()
+            items = self.item_vectors().float()
             ranks, top = chunked_ranking(queries, items, target, exclude, k, self.ranking_chunk_size)
             return ranks, top, lambda index: (queries[:, None, :] * items[index]).sum(dim=-1)
-        scores = self.score(batch["history"]).float()
+        scores = self.score(batch["history"], **self.history_features(batch)).float()
         top = None if k is None else top_k_items(scores, exclude, k)
         return target_ranks(scores, target, exclude), top, lambda index: scores.gather(1, index)
 

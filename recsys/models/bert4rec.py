@@ -8,6 +8,12 @@ with the tied item embeddings, [MASK] and padding excluded from the catalogue th
 
 Klenitskiy & Vasilev (RecSys 2023) found BERT4Rec's reputation rests on long training with full
 cross-entropy: the default here is the shared full-softmax loss at the masked positions.
+
+On event-typed data (`model.event_embedding`, `model.time_gaps`; recsys/models/events.py) a hidden
+position keeps its event type (the model is asked "which item was *bought* here?") but loses its
+time gap, which at inference, for the appended [MASK], is unknown; the appended [MASK] carries the
+type of the event being predicted. With `data.target_events`, only positions whose event is of a
+target type are hidden (never a window's first item, which no model predicts).
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ from torch import nn
 from recsys.errors import UserInputError
 from recsys.losses import FullCrossEntropy
 from recsys.metrics import DEFAULT_KS
-from recsys.models.base import SequentialRecommender, keep_last_items
+from recsys.models.base import SequentialRecommender
+from recsys.models.events import BehaviourEmbedding, keep_last_positions
 from recsys.models.transformer import TransformerBlock, init_weights
 
 
@@ -50,6 +57,9 @@ class BERT4Rec(SequentialRecommender):
         mask_prob: float = 0.2,
         mask_last: bool = False,
         scale_embeddings: bool = True,
+        num_event_types: int = 0,
+        event_embedding: bool = False,
+        time_gaps: bool = False,
         loss: nn.Module | None = None,
         optimizer: Callable | None = None,
         scheduler: Callable | None = None,
@@ -77,30 +87,47 @@ class BERT4Rec(SequentialRecommender):
             for _ in range(num_blocks)
         )
         self.final_norm = nn.LayerNorm(dim) if pre_norm else nn.Identity()
+        # Last, so that with both switches off nothing about the model changes.
+        self.behaviour = BehaviourEmbedding(dim, num_event_types, event_embedding, time_gaps)
+        self.num_event_types = num_event_types
         self._set_loss(loss if loss is not None else FullCrossEntropy())
         init_weights(self, init_std)
+
+    @property
+    def reads_events(self) -> bool:
+        return self.behaviour.active
 
     @property
     def catalogue_embeddings(self) -> torch.Tensor:
         """Rows 0..num_items of the embedding table: padding and the items, not [MASK]."""
         return self.item_embedding.weight[: self.num_items + 1]
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Hidden states (B, L, dim) for right-padded ids (B, L) that may contain [MASK], L <= max_len + 1."""
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        events: torch.Tensor | None = None,
+        gaps: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Hidden states (B, L, dim) for right-padded ids (B, L) that may contain [MASK], L <= max_len + 1,
+        and, for a model that reads them, the positions' event types and time-gap buckets (B, L)."""
         positions = torch.arange(input_ids.size(1), device=input_ids.device)
         x = self.item_embedding(input_ids) * self.embedding_scale + self.position_embedding(positions)
-        x = self.embedding_dropout(self.embedding_norm(x))
+        x = self.embedding_dropout(self.embedding_norm(x + self.behaviour(events, gaps)))
         real = input_ids != 0
         for block in self.blocks:
             x = block(x, is_causal=False, key_padding_mask=real)
         return self.final_norm(x)
 
-    def cloze_mask(self, sequences: torch.Tensor) -> torch.Tensor:
-        """Which positions of right-padded `sequences` (B, L) to hide: each real item with
-        probability mask_prob, the last one always if mask_last, and at least one per row."""
+    def cloze_mask(self, sequences: torch.Tensor, maskable: torch.Tensor | None = None) -> torch.Tensor:
+        """Which positions of right-padded `sequences` (B, L) to hide: each real item (of those
+        `maskable`, if given) with probability mask_prob, the last one always if mask_last, and at
+        least one per row."""
         real = sequences != 0
+        if maskable is not None:
+            real = real & maskable
         masked = (torch.rand(sequences.shape, device=sequences.device) < self.mask_prob) & real
-        last = real.sum(dim=1) - 1
+        # The last hideable position of each row (argmax finds the first of the flipped row).
+        last = real.size(1) - 1 - real.flip(1).int().argmax(dim=1)
         rows = torch.arange(sequences.size(0), device=sequences.device)
         if self.mask_last:
             masked[rows, last] = True
@@ -114,8 +141,17 @@ class BERT4Rec(SequentialRecommender):
         # The datamodule's window is input_ids[0] followed by target_ids: up to max_len + 1 items,
         # the length a history plus the appended [MASK] has at inference.
         sequences = torch.cat([batch["input_ids"][:, :1], batch["target_ids"]], dim=1)
-        masked = self.cloze_mask(sequences)
-        hidden = self(sequences.masked_fill(masked, self.mask_id))
+        maskable = None
+        if "target_mask" in batch:  # only events of the target types are predicted
+            first = batch["target_mask"].new_zeros(sequences.size(0), 1)
+            maskable = torch.cat([first, batch["target_mask"]], dim=1)
+        masked = self.cloze_mask(sequences, maskable)
+        events = gaps = None
+        if "input_events" in batch:
+            events = torch.cat([batch["input_events"][:, :1], batch["target_events"]], dim=1)
+            # A hidden position's time gap is unknown, as it is for the [MASK] at inference.
+            gaps = torch.cat([batch["input_gaps"][:, :1], batch["target_gaps"]], dim=1).masked_fill(masked, 0)
+        hidden = self(sequences.masked_fill(masked, self.mask_id), events, gaps)
         loss = self.loss(hidden[masked], sequences[masked], self.catalogue_embeddings)
         self._log_train_loss(loss, int(masked.sum()))
         return loss
@@ -123,10 +159,26 @@ class BERT4Rec(SequentialRecommender):
     def item_vectors(self) -> torch.Tensor:
         return self.catalogue_embeddings
 
-    def user_vectors(self, history: torch.Tensor) -> torch.Tensor:
-        history = keep_last_items(history, self.max_len)
+    def user_vectors(
+        self,
+        history: torch.Tensor,
+        events: torch.Tensor | None = None,
+        gaps: torch.Tensor | None = None,
+        target_event: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        history, events, gaps = keep_last_positions(history, self.max_len, events, gaps)
         lengths = (history != 0).sum(dim=1)
-        inputs = torch.cat([history, history.new_zeros(history.size(0), 1)], dim=1)
         rows = torch.arange(history.size(0), device=history.device)
-        inputs[rows, lengths] = self.mask_id
-        return self(inputs)[rows, lengths]
+
+        def append(values: torch.Tensor | None, last) -> torch.Tensor | None:
+            if values is None:
+                return None
+            out = torch.cat([values, values.new_zeros(values.size(0), 1)], dim=1)
+            out[rows, lengths] = last
+            return out
+
+        inputs = append(history, self.mask_id)
+        # The [MASK] asks for an event of the target's type; its time gap is unknown (bucket 0).
+        events = append(events, target_event if target_event is not None else 0)
+        gaps = append(gaps, 0)
+        return self(inputs, events, gaps)[rows, lengths]

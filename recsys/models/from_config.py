@@ -60,10 +60,11 @@ def build_model(
     evaluation: DictConfig | None = None,
     item_counts: torch.Tensor | None = None,
     item_ids: np.ndarray | None = None,
+    num_event_types: int | None = None,
 ):
     """The model of `cfg` for the data of `datamodule` (its item count, fingerprint, training item
-    counts and original item ids by default; without a datamodule all four must be given), set up
-    to evaluate as `evaluation` says (`cfg.evaluation` by default)."""
+    counts, original item ids and number of event types by default; without a datamodule all must
+    be given), set up to evaluate as `evaluation` says (`cfg.evaluation` by default)."""
     counts = datamodule.train_item_counts() if item_counts is None else item_counts
     kwargs: dict[str, Any] = {
         "num_items": datamodule.num_items if num_items is None else num_items,
@@ -71,6 +72,8 @@ def build_model(
     }
     if "item_counts" in cfg.model:
         kwargs["item_counts"] = counts
+    if "num_event_types" in cfg.model:  # models that can read event types (browse vs buy)
+        kwargs["num_event_types"] = datamodule.num_event_types if num_event_types is None else num_event_types
     if model_class(cfg).uses_loss:
         kwargs["loss"] = build_loss(cfg.get("loss"), counts)
     model = _instantiate(cfg.model, "model", **kwargs)

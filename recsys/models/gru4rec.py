@@ -15,7 +15,7 @@ from torch import nn
 
 from recsys.losses import FullCrossEntropy
 from recsys.metrics import DEFAULT_KS
-from recsys.models.base import SequentialRecommender, keep_last_items, last_real_position
+from recsys.models.base import SequentialRecommender, keep_last_items, last_real_position, target_positions
 
 
 class GRU4Rec(SequentialRecommender):
@@ -60,7 +60,7 @@ class GRU4Rec(SequentialRecommender):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         hidden = self(batch["input_ids"])
-        has_target = batch["target_ids"] != 0
+        has_target = target_positions(batch)
         loss = self.loss(hidden[has_target], batch["target_ids"][has_target], self.item_embedding.weight)
         self._log_train_loss(loss, int(has_target.sum()))
         return loss

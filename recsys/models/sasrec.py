@@ -4,6 +4,10 @@ Sequences are right-padded (padding id 0 at the end). With causal attention a re
 attends to positions at or before it, which are all real, so no padding mask is needed and
 `is_causal=True` alone is exact: SDPA can run its flash kernel. Outputs at padding positions are
 computed but never used. Scores are dot products with the (tied) item embeddings.
+
+On event-typed data (browse vs buy) the input of each position can also carry its event type and
+time gap (`model.event_embedding`, `model.time_gaps`; recsys/models/events.py), and the loss counts
+only the positions the data module marks as targets (`target_mask`, from `data.target_events`).
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from torch import nn
 
 from recsys.losses import FullCrossEntropy
 from recsys.metrics import DEFAULT_KS
-from recsys.models.base import SequentialRecommender, keep_last_items, last_real_position
+from recsys.models.base import SequentialRecommender, last_real_position, target_positions
+from recsys.models.events import BehaviourEmbedding, keep_last_positions
 from recsys.models.transformer import TransformerBlock, init_weights
 
 
@@ -34,6 +39,9 @@ class SASRec(SequentialRecommender):
         init_std: float = 0.02,
         positions_from_end: bool = False,
         scale_embeddings: bool = True,
+        num_event_types: int = 0,
+        event_embedding: bool = False,
+        time_gaps: bool = False,
         loss: nn.Module | None = None,
         optimizer: Callable | None = None,
         scheduler: Callable | None = None,
@@ -55,11 +63,24 @@ class SASRec(SequentialRecommender):
         )
         # Pre-norm blocks leave the residual stream un-normalised: normalise once at the end.
         self.final_norm = nn.LayerNorm(dim) if pre_norm else nn.Identity()
+        # Last, so that with both switches off nothing about the model changes.
+        self.behaviour = BehaviourEmbedding(dim, num_event_types, event_embedding, time_gaps)
+        self.num_event_types = num_event_types
         self._set_loss(loss if loss is not None else FullCrossEntropy())
         init_weights(self, init_std)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Hidden states (B, L, dim) for right-padded item ids (B, L), L <= max_len."""
+    @property
+    def reads_events(self) -> bool:
+        return self.behaviour.active
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        events: torch.Tensor | None = None,
+        gaps: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Hidden states (B, L, dim) for right-padded item ids (B, L), L <= max_len, and, for a
+        model that reads them, the positions' event types and time-gap buckets (B, L)."""
         positions = torch.arange(input_ids.size(1), device=input_ids.device).expand_as(input_ids)
         if self.positions_from_end:
             # Position 0 is the most recent item, as in the original left-padded SASRec: the item
@@ -67,21 +88,27 @@ class SASRec(SequentialRecommender):
             lengths = (input_ids != 0).sum(dim=1, keepdim=True)
             positions = (lengths - 1 - positions).clamp(min=0)
         x = self.item_embedding(input_ids) * self.embedding_scale + self.position_embedding(positions)
-        x = self.embedding_dropout(x)
+        x = self.embedding_dropout(x + self.behaviour(events, gaps))
         for block in self.blocks:
             x = block(x, is_causal=True)
         return self.final_norm(x)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        hidden = self(batch["input_ids"])
-        has_target = batch["target_ids"] != 0  # loss only where there is a next item
+        hidden = self(batch["input_ids"], batch.get("input_events"), batch.get("input_gaps"))
+        has_target = target_positions(batch)  # loss only where there is a next item (of a target type)
         loss = self.loss(hidden[has_target], batch["target_ids"][has_target], self.item_embedding.weight)
         self._log_train_loss(loss, int(has_target.sum()))
         return loss
 
-    def user_vectors(self, history: torch.Tensor) -> torch.Tensor:
-        history = keep_last_items(history, self.max_len)
-        return last_real_position(self(history), history)
+    def user_vectors(
+        self,
+        history: torch.Tensor,
+        events: torch.Tensor | None = None,
+        gaps: torch.Tensor | None = None,
+        target_event: torch.Tensor | None = None,  # the causal model predicts any next event
+    ) -> torch.Tensor:
+        history, events, gaps = keep_last_positions(history, self.max_len, events, gaps)
+        return last_real_position(self(history, events, gaps), history)
 
     def item_vectors(self) -> torch.Tensor:
         return self.item_embedding.weight

@@ -8,7 +8,6 @@ from torch.utils.data import DataLoader
 from recsys.data import datamodule as datamodule_module
 from recsys.data.datamodule import (
     DeviceTrainBatches,
-    EvalUsers,
     LengthBucketBatchSampler,
     SequenceDataModule,
     gather_windows,
@@ -112,7 +111,7 @@ def test_bad_settings_name_the_key(tmp_path):
     dm = make_datamodule(tmp_path, "1 1 2 3\n")
     dm.setup()
     with pytest.raises(UserInputError, match="split: 'train' is not one of"):
-        EvalUsers(dm.data, "train", 5)
+        dm.eval_dataloader("train")
 
 
 def test_workers_give_the_same_batches(tmp_path):
