@@ -25,7 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from recsys.compare import compare_runs, comparison_markdown, load_run, seed_summary
+from recsys.compare import average_over_seeds, compare_runs, comparison_markdown, load_run, seed_summary
 from recsys.data.datamodule import SPLITS
 from recsys.distributed import check_trainer_options, trainer_errors
 from recsys.errors import UserInputError
@@ -116,8 +116,10 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
 def compare(cfg: DictConfig, out_dir: Path) -> dict:
     runs = [load_run(path) for path in cfg.compare]
     metrics = list(cfg.compare_metrics)
-    table = compare_runs(runs, metrics, cfg.confidence, cfg.bootstrap_samples, cfg.seed)
     seeds = seed_summary(runs, metrics, cfg.confidence)
+    if cfg.average_seeds:  # compare variants: each user's metrics averaged over a variant's seeds
+        runs = average_over_seeds(runs)
+    table = compare_runs(runs, metrics, cfg.confidence, cfg.bootstrap_samples, cfg.seed)
     markdown = comparison_markdown(table, seeds, cfg.confidence)
     with atomic_path(out_dir / "comparison.csv") as tmp:
         table.to_csv(tmp, index=False)

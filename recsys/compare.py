@@ -220,6 +220,41 @@ def compare_runs(
     return pd.DataFrame(rows).reindex(columns=columns)
 
 
+def _group_name(members: Sequence[RunResults]) -> str:
+    """A seed group's name: its first run's overrides without the seed (multiruns), else its
+    first run's directory name; with the number of seeds."""
+    overrides = members[0].path / "overrides.yaml"
+    name = members[0].name
+    if overrides.is_file():
+        listed = OmegaConf.to_container(OmegaConf.load(overrides))
+        if isinstance(listed, list):
+            kept = [str(o) for o in listed if not str(o).lstrip("+~").startswith("seed=")]
+            name = " ".join(kept) or name
+    return f"{name} ({len(members)} seeds)"
+
+
+def average_over_seeds(runs: Sequence[RunResults]) -> list[RunResults]:
+    """One RunResults per group of runs whose configs differ only in their seeds, in the order the
+    groups first appear: each user's metrics (and rank) averaged over the group's seeds.
+
+    Comparing these averages user by user is the paired test across seeds: the seed-to-seed noise
+    of each variant is averaged out before the variants are compared on the same users."""
+    groups: dict[str, list[RunResults]] = {}
+    for run in runs:
+        key = run.config_key if run.config_key is not None else str(run.path)
+        groups.setdefault(key, []).append(run)
+    averaged = []
+    for members in groups.values():
+        check_paired(members)
+        frames = [m.per_user for m in members]
+        numeric = [c for c in frames[0].columns if c not in ("user_id", "target_item_id")]
+        numeric = [c for c in numeric if all(c in f.columns for f in frames) and frames[0][c].dtype.kind in "iuf"]
+        mean = sum(f[numeric].astype(np.float64) for f in frames) / len(frames)
+        per_user = pd.concat([frames[0][["user_id", "target_item_id"]], mean], axis=1)
+        averaged.append(RunResults(_group_name(members), members[0].path, per_user, members[0].config_key))
+    return averaged
+
+
 def seed_summary(
     runs: Sequence[RunResults], metrics: Sequence[str], confidence: float = 0.95
 ) -> pd.DataFrame:

@@ -1,5 +1,6 @@
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,3 +25,30 @@ def write_file(tmp_path):
         return path
 
     return _write
+
+
+def write_retailrocket_files(directory, users=30, items=40, seed=0):
+    """A small data set in the Retail Rocket subset's format: views, carts and buys in time order
+    per user, and one test purchase per user."""
+    rng = np.random.default_rng(seed)
+    lines, tests = ["user_id,item_id,behavior,timestamp"], ["user_id,item_id"]
+    for user in range(users):
+        time = 1_433_000_000 + int(rng.integers(0, 10**6))
+        for _ in range(int(rng.integers(2, 5))):
+            item = int(rng.integers(0, items))
+            for behaviour in ("view", "cart", "buy")[: int(rng.integers(1, 4))]:
+                lines.append(f"{user},{item},{behaviour},{time}")
+                time += int(rng.integers(1, 10_000))
+            lines.append(f"{user},{int(rng.integers(0, items))},buy,{time}")
+            time += int(rng.integers(1, 10_000))
+        tests.append(f"{user},{int(rng.integers(0, items))}")
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "events.csv").write_text("\n".join(lines) + "\n")
+    (directory / "test.csv").write_text("\n".join(tests) + "\n")
+    return directory / "events.csv", directory / "test.csv"
+
+
+@pytest.fixture
+def retailrocket_files():
+    """Write a small Retail Rocket-format data set (events.csv, test.csv) into a directory."""
+    return write_retailrocket_files

@@ -7,6 +7,7 @@ import torch
 from scipy import stats
 
 from recsys.compare import (
+    average_over_seeds,
     compare_runs,
     comparison_markdown,
     holm,
@@ -150,3 +151,26 @@ def test_results_table_in_three_formats(tmp_path):
         results_table([run], ["test/map@10"])
     with pytest.raises(UserInputError, match="table: .* has no metrics.json"):
         results_table([tmp_path])
+
+
+def test_variants_are_compared_on_each_users_metrics_averaged_over_seeds(tmp_path):
+    config = "seed: {seed}\nmodel:\n  dim: {dim}\n"
+    rng = np.random.default_rng(0)
+    base_ranks = rng.integers(1, 30, (3, 80))
+    better_ranks = np.maximum(1, base_ranks - rng.integers(0, 5, (3, 80)))
+    runs = []
+    for dim, ranks in ((64, base_ranks), (32, better_ranks)):
+        for seed in range(3):
+            path = write_run(tmp_path / f"d{dim}_s{seed}", ranks[seed], config=config.format(seed=seed, dim=dim))
+            if seed == 0:
+                (path / "overrides.yaml").write_text(f"- model.dim={dim}\n- seed={seed}\n")
+            runs.append(load_run(path))
+    variants = average_over_seeds(runs)
+    assert [v.name for v in variants] == ["model.dim=64 (3 seeds)", "model.dim=32 (3 seeds)"]
+    ndcg = 1 / np.log2(base_ranks + 1) * (base_ranks <= 10)
+    assert variants[0].per_user["ndcg@10"].to_numpy() == pytest.approx(ndcg.mean(axis=0))
+    table = compare_runs(variants, ["ndcg@10"])
+    challenger = table.iloc[1]
+    better = 1 / np.log2(better_ranks + 1) * (better_ranks <= 10)
+    assert challenger["diff"] == pytest.approx((better.mean(axis=0) - ndcg.mean(axis=0)).mean())
+    assert challenger["p_ttest"] == pytest.approx(stats.ttest_rel(better.mean(axis=0), ndcg.mean(axis=0)).pvalue)
