@@ -248,7 +248,9 @@ def average_over_seeds(runs: Sequence[RunResults]) -> list[RunResults]:
         check_paired(members)
         frames = [m.per_user for m in members]
         numeric = [c for c in frames[0].columns if c not in ("user_id", "target_item_id")]
-        numeric = [c for c in numeric if all(c in f.columns for f in frames) and frames[0][c].dtype.kind in "iuf"]
+        numeric = [
+            c for c in numeric if all(c in f.columns for f in frames) and frames[0][c].dtype.kind in "iuf"
+        ]
         mean = sum(f[numeric].astype(np.float64) for f in frames) / len(frames)
         per_user = pd.concat([frames[0][["user_id", "target_item_id"]], mean], axis=1)
         averaged.append(RunResults(_group_name(members), members[0].path, per_user, members[0].config_key))

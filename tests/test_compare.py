@@ -161,7 +161,9 @@ def test_variants_are_compared_on_each_users_metrics_averaged_over_seeds(tmp_pat
     runs = []
     for dim, ranks in ((64, base_ranks), (32, better_ranks)):
         for seed in range(3):
-            path = write_run(tmp_path / f"d{dim}_s{seed}", ranks[seed], config=config.format(seed=seed, dim=dim))
+            path = write_run(
+                tmp_path / f"d{dim}_s{seed}", ranks[seed], config=config.format(seed=seed, dim=dim)
+            )
             if seed == 0:
                 (path / "overrides.yaml").write_text(f"- model.dim={dim}\n- seed={seed}\n")
             runs.append(load_run(path))
@@ -173,4 +175,6 @@ def test_variants_are_compared_on_each_users_metrics_averaged_over_seeds(tmp_pat
     challenger = table.iloc[1]
     better = 1 / np.log2(better_ranks + 1) * (better_ranks <= 10)
     assert challenger["diff"] == pytest.approx((better.mean(axis=0) - ndcg.mean(axis=0)).mean())
-    assert challenger["p_ttest"] == pytest.approx(stats.ttest_rel(better.mean(axis=0), ndcg.mean(axis=0)).pvalue)
+    assert challenger["p_ttest"] == pytest.approx(
+        stats.ttest_rel(better.mean(axis=0), ndcg.mean(axis=0)).pvalue
+    )

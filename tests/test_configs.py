@@ -26,7 +26,7 @@ def compose_train(*overrides):
 @pytest.mark.parametrize("data", options("data"))
 def test_every_data_config_instantiates(data):
     overrides = [f"data={data}"]
-    if data in ("sequence_file", "interactions_file"):
+    if data in ("sequence_file", "interactions_file", "retailrocket_raw", "taobao"):
         overrides.append("data.path=/tmp/some_file")
     cfg = compose_train(*overrides)
     datamodule = instantiate(cfg.data)
@@ -58,3 +58,39 @@ def test_shipped_default_data_file_exists():
 def test_a_misspelt_key_is_an_error():
     with pytest.raises(Exception, match="dropuot"):
         compose_train("model.dropuot=0.1")
+
+
+def test_event_data_configs_read_their_sources(tmp_path):
+    taobao = tmp_path / "UserBehavior.csv"
+    taobao.write_text(
+        "1,10,7,pv,100\n1,11,7,fav,200\n1,11,7,buy,300\n1,12,7,pv,400\n1,12,7,buy,500\n"
+        "2,10,7,pv,100\n2,10,7,cart,150\n2,10,7,buy,160\n2,13,7,buy,900\n"
+    )
+    cfg = compose_train("data=taobao", f"data.path={taobao}", f"paths.cache_dir={tmp_path / 'cache'}")
+    datamodule = instantiate(cfg.data)
+    datamodule.setup()
+    assert datamodule.data.event_names.tolist() == ["", "view", "cart", "fav", "buy"]
+    users, targets = datamodule.evaluated_users("test")
+    assert datamodule.data.item_ids[datamodule.data.items[targets]].tolist() == [12, 13]
+
+    kaggle = tmp_path / "events.csv"
+    rows = ["timestamp,visitorid,event,itemid,transactionid"]
+    for visitor in (5, 6):
+        for step, (event, item) in enumerate(
+            [("view", 1), ("addtocart", 1), ("transaction", 1), ("view", 2), ("transaction", 2)]
+        ):
+            rows.append(f"{1433221332000 + 1000 * (10 - step)},{visitor},{event},{item},")  # newest first
+    kaggle.write_text("\n".join(rows) + "\n")
+    cfg = compose_train(
+        "data=retailrocket_raw",
+        f"data.path={kaggle}",
+        "data.min_user_interactions=0",
+        "data.min_item_interactions=0",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+    )
+    datamodule = instantiate(cfg.data)
+    datamodule.setup()
+    data = datamodule.data
+    assert data.stats["users_sorted_by_time"] == 2  # newest-first rows, sorted and counted
+    assert data.event_names[data.events[: data.offsets[1]]].tolist() == ["buy", "view", "buy", "cart", "view"]
+    assert data.timestamps[0] == 1433221332 + 6  # milliseconds made seconds

@@ -29,7 +29,9 @@ def test_compare_runs_notebook_executes_and_saves_its_figures(tmp_path, monkeypa
     assert "Paired comparison against `sasrec`" in outputs
 
 
-def test_browse_buy_notebook_executes_on_small_data_and_compares_variants(tmp_path, monkeypatch, retailrocket_files):
+def test_browse_buy_notebook_executes_on_small_data_and_compares_variants(
+    tmp_path, monkeypatch, retailrocket_files
+):
     import numpy as np
     import pandas as pd
 
@@ -45,8 +47,13 @@ def test_browse_buy_notebook_executes_on_small_data_and_compares_variants(tmp_pa
             ranks = rng.integers(1, 40, 50) + 10 - shift
             ndcg = np.where(ranks <= 10, 1 / np.log2(ranks + 1), 0.0)
             pd.DataFrame(
-                {"user_id": np.arange(50), "target_item_id": np.arange(50), "rank": ranks,
-                 "ndcg@10": ndcg, "hr@10": (ranks <= 10).astype(float)}
+                {
+                    "user_id": np.arange(50),
+                    "target_item_id": np.arange(50),
+                    "rank": ranks,
+                    "ndcg@10": ndcg,
+                    "hr@10": (ranks <= 10).astype(float),
+                }
             ).to_parquet(run / "per_user.parquet")
             (run / "config.yaml").write_text(f"seed: {seed}\nexperiment: {variant}\n")
             (run / "overrides.yaml").write_text(f"- experiment={variant}\n- seed={seed}\n")
@@ -55,11 +62,16 @@ def test_browse_buy_notebook_executes_on_small_data_and_compares_variants(tmp_pa
     monkeypatch.setenv("RECSYS_NOTEBOOK_FIGURES", str(tmp_path / "figures"))
     notebook = nbformat.read(ROOT / "notebooks" / "browse_buy.ipynb", as_version=4)
     NotebookClient(
-        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}
+        notebook,
+        timeout=600,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(ROOT / "notebooks")}},
     ).execute()
     assert {p.name for p in (tmp_path / "figures").iterdir()} == {"purchases_browsed_before.png"}
     outputs = "".join(
-        str(output.get("data", {}).get("text/markdown", "")) for cell in notebook.cells for output in cell.get("outputs", [])
+        str(output.get("data", {}).get("text/markdown", ""))
+        for cell in notebook.cells
+        for output in cell.get("outputs", [])
     )
     assert "Paired comparison against `experiment=browse_buy_purchases (2 seeds)`" in outputs
     assert "experiment=browse_buy_typed (2 seeds)" in outputs

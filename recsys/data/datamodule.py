@@ -113,6 +113,8 @@ class EventSplit:
         positions = self.val_pos if split == "val" else self.test_pos
         users = np.flatnonzero(positions > self.starts)  # -1 < start; a target needs a history
         return users, positions[users]
+
+
 # `data.device_batches: auto` keeps the training windows on a CUDA device only up to this size.
 DEVICE_BATCHES_MAX_BYTES = 1 << 30
 
@@ -474,7 +476,9 @@ class SequenceDataModule(pl.LightningDataModule):
             if value is not None and event_types is None:
                 raise UserInputError(f"data.{key}: needs data.event_types (the event names the data holds)")
         if target_events is not None and len(target_events) == 0:
-            raise UserInputError("data.target_events: an empty list predicts nothing; use null for every event")
+            raise UserInputError(
+                "data.target_events: an empty list predicts nothing; use null for every event"
+            )
         if target_events is not None and keep_events is not None:
             dropped = [name for name in target_events if name not in keep_events]
             if dropped:

@@ -394,8 +394,8 @@ def read_retailrocket_raw(path: str | os.PathLike) -> pd.DataFrame:
         )
     columns = {"user": "visitorid", "item": "itemid", "event": "event", "timestamp": "timestamp"}
     frame = _typed_interactions(frame, path, columns, first_data_line=2)
-    frame["timestamp"] = frame["timestamp"] // 1000 if frame["timestamp"].dtype.kind in "iu" else (
-        frame["timestamp"] / 1000.0
+    frame["timestamp"] = (
+        frame["timestamp"] // 1000 if frame["timestamp"].dtype.kind in "iu" else (frame["timestamp"] / 1000.0)
     )
     return frame
 
@@ -411,7 +411,9 @@ def read_taobao(path: str | os.PathLike) -> pd.DataFrame:
     path = check_readable(path)
     frame = _read_delimited(_open_text(path), path, sep=",", header=False, names=TAOBAO_COLUMNS)
     if frame.shape[1] != len(TAOBAO_COLUMNS):
-        raise UserInputError(f"{path}: expected 5 columns ({', '.join(TAOBAO_COLUMNS)}), got {frame.shape[1]}")
+        raise UserInputError(
+            f"{path}: expected 5 columns ({', '.join(TAOBAO_COLUMNS)}), got {frame.shape[1]}"
+        )
     columns = {"user": "user", "item": "item", "event": "event", "timestamp": "timestamp"}
     return _typed_interactions(frame, path, columns, first_data_line=1)
 

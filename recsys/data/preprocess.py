@@ -168,7 +168,9 @@ class PreprocessSettings:
         if self.event_types is None:
             for key, value in (("event_map", self.event_map), ("keep_events", self.keep_events)):
                 if value:
-                    raise UserInputError(f"data.{key}: needs data.event_types (the event names the data holds)")
+                    raise UserInputError(
+                        f"data.{key}: needs data.event_types (the event names the data holds)"
+                    )
             return
         if len(self.event_types) == 0 or len(set(self.event_types)) != len(self.event_types):
             raise UserInputError(f"data.event_types: expected distinct names, got {list(self.event_types)}")

@@ -42,7 +42,9 @@ class BehaviourEmbedding(nn.Module):
         out: torch.Tensor | float = 0.0
         if self.events is not None:
             if events is None:
-                raise UserInputError("model.event_embedding: the model reads event types but the batch has none")
+                raise UserInputError(
+                    "model.event_embedding: the model reads event types but the batch has none"
+                )
             out = out + self.events(events)
         if self.gaps is not None:
             if gaps is None:

@@ -112,7 +112,10 @@ def test_taobao_reads_headerless_rows_and_catches_a_cut_last_line(write_file, tm
     # A last line cut off mid-timestamp still has five fields: caught as time going backwards.
     cut = write_file("cut.csv", rows + "1,543546,4181361,pv,15")
     settings = PreprocessSettings(
-        event_types=("view", "cart", "fav", "buy"), event_map=(("pv", "view"),), time_order="error", min_history=2
+        event_types=("view", "cart", "fav", "buy"),
+        event_map=(("pv", "view"),),
+        time_order="error",
+        min_history=2,
     )
     with pytest.raises(UserInputError, match=r"cut.csv:4: timestamp 15 of user 1 is earlier"):
         preprocess(loaders.read_taobao(cut), settings)
@@ -129,7 +132,13 @@ def test_event_types_survive_preprocessing_and_the_cache(retailrocket, tmp_path)
     data = dm.data
     assert data.event_names.tolist() == ["", *EVENTS]
     assert history_of(data, 0) == [
-        (10, "view"), (11, "view"), (11, "cart"), (11, "buy"), (12, "view"), (12, "buy"), (13, "buy")
+        (10, "view"),
+        (11, "view"),
+        (11, "cart"),
+        (11, "buy"),
+        (12, "view"),
+        (12, "buy"),
+        (13, "buy"),
     ]
     assert history_of(data, 1) == [(20, "view"), (20, "buy"), (21, "view"), (22, "buy")]
     assert data.timestamps[: data.offsets[1]].tolist() == [100, 160, 170, 400, 500, 4100, 4100]
@@ -169,7 +178,9 @@ def test_bad_event_settings_are_config_errors(retailrocket, tmp_path):
     with pytest.raises(UserInputError, match="data.exclude_events: needs data.event_types"):
         make_dm(retailrocket, tmp_path, event_types=None, target_events=None, exclude_events=["buy"])
     dm = make_dm(retailrocket, tmp_path, target_events=["purchase"])
-    with pytest.raises(UserInputError, match="data.target_events: 'purchase' is not one of the data's event types"):
+    with pytest.raises(
+        UserInputError, match="data.target_events: 'purchase' is not one of the data's event types"
+    ):
         dm.setup()
 
 
@@ -185,7 +196,9 @@ def test_time_order_error_or_counted_sort(write_file):
     columns = {"user": "user_id", "item": "item_id", "event": "behavior", "timestamp": "timestamp"}
     frame = loaders.read_interactions_file(path, columns)
     with pytest.raises(UserInputError, match=r"ev.csv:3: timestamp 3 of user 0 is earlier"):
-        preprocess(frame, PreprocessSettings(event_types=tuple(EVENTS), time_order="error", min_history=1 + 1))
+        preprocess(
+            frame, PreprocessSettings(event_types=tuple(EVENTS), time_order="error", min_history=1 + 1)
+        )
     data = preprocess(frame, PreprocessSettings(event_types=tuple(EVENTS), min_history=2))
     assert data.stats["users_sorted_by_time"] == 1
     assert data.events.tolist() == [3, 1]  # sorted: the buy at time 3 comes first
@@ -247,11 +260,17 @@ def test_users_without_a_target_event_are_skipped_and_counted(write_file, tmp_pa
     assert dm.split.skipped_users == 1
     assert dm.evaluated_users("test")[0].tolist() == [0, 1]
     # A user with one purchase is tested on it, never validated.
-    events = write_file("one.csv", "user_id,item_id,behavior,timestamp\n5,1,view,1\n5,2,buy,2\n6,1,buy,1\n6,3,buy,2\n")
+    events = write_file(
+        "one.csv", "user_id,item_id,behavior,timestamp\n5,1,view,1\n5,2,buy,2\n6,1,buy,1\n6,3,buy,2\n"
+    )
     dm = SequenceDataModule(
-        name="one", path=str(events), format="interactions", min_history=2, event_types=EVENTS,
-        target_events=["buy"], columns={"user": "user_id", "item": "item_id", "event": "behavior",
-                                        "timestamp": "timestamp"},
+        name="one",
+        path=str(events),
+        format="interactions",
+        min_history=2,
+        event_types=EVENTS,
+        target_events=["buy"],
+        columns={"user": "user_id", "item": "item_id", "event": "behavior", "timestamp": "timestamp"},
     )
     dm.setup()
     assert dm.evaluated_users("test")[0].tolist() == [0, 1]
@@ -319,7 +338,9 @@ def test_with_both_switches_off_the_model_is_unchanged(cls):
 @pytest.mark.parametrize("cls", [SASRec, BERT4Rec])
 def test_event_and_gap_embeddings_change_the_user_vectors(cls):
     torch.manual_seed(0)
-    model = cls(num_items=30, max_len=8, dim=16, num_event_types=3, event_embedding=True, time_gaps=True).eval()
+    model = cls(
+        num_items=30, max_len=8, dim=16, num_event_types=3, event_embedding=True, time_gaps=True
+    ).eval()
     history = torch.tensor([[1, 2, 3, 0]])
     events = torch.tensor([[1, 1, 2, 0]])
     gaps = torch.tensor([[1, 5, 9, 0]])
@@ -366,10 +387,23 @@ def test_a_model_learns_next_purchases_on_event_data(retailrocket, tmp_path):
 
     dm = make_dm(retailrocket, tmp_path)
     dm.setup()
-    model = SASRec(num_items=dm.num_items, max_len=50, dim=16, num_event_types=dm.num_event_types,
-                   event_embedding=True, time_gaps=True, ks=[1, 5])
-    trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu")
+    model = SASRec(
+        num_items=dm.num_items,
+        max_len=50,
+        dim=16,
+        num_event_types=dm.num_event_types,
+        event_embedding=True,
+        time_gaps=True,
+        ks=[1, 5],
+    )
+    trainer = pl.Trainer(
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     trainer.fit(model, datamodule=dm)
     (results,) = trainer.test(model, datamodule=dm, verbose=False)
     assert 0.0 <= results["test/ndcg@5"] <= 1.0
@@ -377,7 +411,9 @@ def test_a_model_learns_next_purchases_on_event_data(retailrocket, tmp_path):
 
 
 def test_gzipped_and_plain_retailrocket_files_read_the_same(write_file):
-    plain = loaders.read_retailrocket(write_file("a/e.csv", RETAILROCKET_EVENTS), write_file("a/t.csv", RETAILROCKET_TEST))
+    plain = loaders.read_retailrocket(
+        write_file("a/e.csv", RETAILROCKET_EVENTS), write_file("a/t.csv", RETAILROCKET_TEST)
+    )
     zipped = write_file("b/e.csv.gz", RETAILROCKET_EVENTS)
     assert gzip.open(zipped).read(7) == b"user_id"
     assert plain.equals(loaders.read_retailrocket(zipped, write_file("b/t.csv", RETAILROCKET_TEST)))
