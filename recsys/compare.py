@@ -52,11 +52,17 @@ def _config_key(run_dir: Path) -> str | None:
                 config = Path(ckpt).parent.parent / "config.yaml"
     if not config.is_file():
         return None
+    own_dir = str(config.parent.resolve())
+
+    def inside_run(value) -> bool:  # e.g. trainer.default_root_dir, logger save_dir: the run's own
+        return isinstance(value, str) and (value == own_dir or value.startswith(own_dir + "/"))
 
     def strip(node):
         if isinstance(node, dict):
             return {
-                k: strip(v) for k, v in node.items() if k not in ("seed", "paths", "cache_dir", "dirpath")
+                k: strip(v)
+                for k, v in node.items()
+                if k not in ("seed", "paths", "cache_dir", "dirpath") and not inside_run(v)
             }
         if isinstance(node, list):
             return [strip(v) for v in node]
@@ -220,6 +226,10 @@ def compare_runs(
     return pd.DataFrame(rows).reindex(columns=columns)
 
 
+# Overrides that change what a run logs or where, not what it learns: left out of variant names.
+_NOT_IN_NAMES = ("seed=", "logger", "trainer.enable_progress_bar", "callbacks.rich_progress_bar", "hydra.")
+
+
 def _group_name(members: Sequence[RunResults]) -> str:
     """A seed group's name: its first run's overrides without the seed (multiruns), else its
     first run's directory name; with the number of seeds."""
@@ -228,7 +238,7 @@ def _group_name(members: Sequence[RunResults]) -> str:
     if overrides.is_file():
         listed = OmegaConf.to_container(OmegaConf.load(overrides))
         if isinstance(listed, list):
-            kept = [str(o) for o in listed if not str(o).lstrip("+~").startswith("seed=")]
+            kept = [str(o) for o in listed if not str(o).lstrip("+~").startswith(_NOT_IN_NAMES)]
             name = " ".join(kept) or name
     return f"{name} ({len(members)} seeds)"
 

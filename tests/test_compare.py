@@ -154,16 +154,17 @@ def test_results_table_in_three_formats(tmp_path):
 
 
 def test_variants_are_compared_on_each_users_metrics_averaged_over_seeds(tmp_path):
-    config = "seed: {seed}\nmodel:\n  dim: {dim}\n"
+    # As train.py writes them: resolved, with the run's own directory in several keys.
+    config = "seed: {seed}\nmodel:\n  dim: {dim}\ntrainer:\n  default_root_dir: {run}\nlogger:\n  csv:\n    save_dir: {run}/csv\n"
     rng = np.random.default_rng(0)
     base_ranks = rng.integers(1, 30, (3, 80))
     better_ranks = np.maximum(1, base_ranks - rng.integers(0, 5, (3, 80)))
     runs = []
     for dim, ranks in ((64, base_ranks), (32, better_ranks)):
         for seed in range(3):
-            path = write_run(
-                tmp_path / f"d{dim}_s{seed}", ranks[seed], config=config.format(seed=seed, dim=dim)
-            )
+            run_dir = tmp_path / f"d{dim}_s{seed}"
+            text = config.format(seed=seed, dim=dim, run=run_dir.resolve())
+            path = write_run(run_dir, ranks[seed], config=text)
             if seed == 0:
                 (path / "overrides.yaml").write_text(f"- model.dim={dim}\n- seed={seed}\n")
             runs.append(load_run(path))
