@@ -77,6 +77,11 @@ class TopKScorer(nn.Module):
                 f"export: {name} does not score items by dot product of user and item vectors; "
                 "only such models can be exported"
             )
+        if getattr(model, "reads_events", False):
+            raise UserInputError(
+                f"export: this {name} reads event types or time gaps (model.event_embedding / model.time_gaps); "
+                "the exported graph takes item histories only"
+            )
         num_items = int(model.num_items)
         if not 1 <= k <= num_items:
             raise UserInputError(f"export: k must lie in 1..{num_items} (the catalogue), got {k}")

@@ -257,6 +257,12 @@ class Recommender:
             raise UserInputError(
                 f"data: {data.num_items} items, but the model was trained on {self.num_items}"
             )
+        if data.has_events and split != "next":
+            # Their targets follow data.target_events and exclusion data.exclude_events: evaluate.py's job.
+            raise UserInputError(
+                f"split: {split!r} of event-typed data is evaluate.py's (next-purchase targets); "
+                "predict.py recommends split=next from every user's whole history"
+            )
         schema = None
         rows = 0
         batches = user_histories(data, split, self.max_len, batch_size)

@@ -439,3 +439,11 @@ def test_long_histories_keep_their_last_max_len_events(retailrocket, tmp_path):
     assert dm.data.item_ids[test["history"][0].numpy()].tolist() == [12, 12]
     assert test["history_events"][0].tolist() == [1, 3]
     assert dm.data.item_ids[test["exclude"][0].numpy()].tolist().count(11) == 1  # the whole history
+
+
+def test_serving_and_export_refuse_a_model_that_reads_events():
+    from recsys.export import TopKScorer
+
+    model = SASRec(num_items=30, max_len=8, dim=16, num_event_types=3, event_embedding=True, ks=[1, 5])
+    with pytest.raises(UserInputError, match="export: this SASRec reads event types"):
+        TopKScorer(model, k=5)
