@@ -530,27 +530,32 @@ class SequenceDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.data is None:
-            data = self._load()
-            target_codes = None
-            if self.target_events is not None:
-                target_codes = data.event_ids(self.target_events, "data.target_events")
-                present = set(np.unique(data.events).tolist())
-                absent = [n for n, c in zip(self.target_events, target_codes) if c not in present]
-                if absent:
-                    raise UserInputError(f"data.target_events: {absent} never occur in data {self.name}")
-            if self.exclude_events is not None:
-                data.event_ids(self.exclude_events, "data.exclude_events")  # names checked now
-            self.split = EventSplit(data, target_codes)
-            if self.split.skipped_users:
-                log.info(
-                    "data %s: skipped %d users with no %s event (nothing to predict for them)",
-                    self.name,
-                    self.split.skipped_users,
-                    "/".join(self.target_events),
-                )
-            if data.has_events:
-                self._gaps = time_gap_buckets(data.offsets, data.timestamps)
-            self.data = data
+            self.data = self._load()
+        if self.split is None:  # also for data set directly (benchmarks build it in memory)
+            self._split(self.data)
+
+    def _split(self, data: SequenceData) -> None:
+        """The targets (data.target_events), checked, and the time gaps of event-typed data."""
+        target_codes = None
+        if self.target_events is not None:
+            target_codes = data.event_ids(self.target_events, "data.target_events")
+            present = set(np.unique(data.events).tolist())
+            absent = [n for n, c in zip(self.target_events, target_codes) if c not in present]
+            if absent:
+                raise UserInputError(f"data.target_events: {absent} never occur in data {self.name}")
+        if self.exclude_events is not None:
+            data.event_ids(self.exclude_events, "data.exclude_events")  # names checked now
+        split = EventSplit(data, target_codes)
+        if split.skipped_users:
+            log.info(
+                "data %s: skipped %d users with no %s event (nothing to predict for them)",
+                self.name,
+                split.skipped_users,
+                "/".join(self.target_events),
+            )
+        if data.has_events:
+            self._gaps = time_gap_buckets(data.offsets, data.timestamps)
+        self.split = split
 
     @property
     def num_event_types(self) -> int:
