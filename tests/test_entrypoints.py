@@ -186,50 +186,6 @@ def test_every_preset_is_tested():
     assert shipped == set(PRESETS) | set(BROWSE_BUY_PRESETS)
 
 
-@pytest.mark.parametrize("preset", BROWSE_BUY_PRESETS)
-def test_every_browse_buy_preset_runs_one_tiny_epoch(tmp_path, preset, retailrocket_files):
-    events, test = retailrocket_files(tmp_path / "rr")
-    run_dir = tmp_path / "run"
-    run(
-        "train.py",
-        f"experiment={preset}",
-        f"data.path={events}",
-        f"data.test_path={test}",
-        "model.ks=[1,5,10]",
-        "logger=none",
-        "trainer.max_epochs=1",
-        "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false",
-        "~callbacks.rich_progress_bar",
-        f"hydra.run.dir={run_dir}",
-        *common(tmp_path),
-    )
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert 0.0 <= metrics["test/ndcg@10"] <= 1.0
-    assert metrics["protocol"].startswith("next buy event from the full history before it")
-    assert metrics["exclude_seen"] == ["buy"]
-    per_user = pd.read_parquet(run_dir / "per_user.parquet")
-    assert len(per_user) == 30  # every user is tested on their test.csv purchase
-    if preset == "browse_buy_typed_gaps":  # a model that reads events reads back through evaluate.py
-        out = tmp_path / "eval"
-        run(
-            "evaluate.py",
-            f"ckpt_path={run_dir}/checkpoints/best.ckpt",
-            f"hydra.run.dir={out}",
-            *common(tmp_path),
-        )
-        assert json.loads((out / "metrics.json").read_text())["test/ndcg@10"] == metrics["test/ndcg@10"]
-        out_all = tmp_path / "eval_all"
-        run(
-            "evaluate.py",
-            f"ckpt_path={run_dir}/checkpoints/best.ckpt",
-            "exclude_events=all",
-            f"hydra.run.dir={out_all}",
-            *common(tmp_path),
-        )
-        assert json.loads((out_all / "metrics.json").read_text())["exclude_seen"] is True
-
-
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_runs_one_tiny_epoch(tmp_path, preset):
     run_dir = tmp_path / "run"
