@@ -39,8 +39,10 @@ from recsys.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
-# Bump when the preprocessing logic changes, so that old caches are not reused.
-PREPROCESS_VERSION = 2
+# Bump when the preprocessing logic changes, so that old caches are not reused. (Event types did not
+# change what data without them becomes: their settings enter the fingerprint only when set, so
+# checkpoints trained before still match their data.)
+PREPROCESS_VERSION = 1
 # The protocol needs a training item, a validation target and a test target (data.min_history).
 MIN_HISTORY = 3
 FORMATS = (
@@ -196,9 +198,11 @@ class PreprocessSettings:
             "min_user_interactions": self.min_user_interactions,
             "min_item_interactions": self.min_item_interactions,
             "kcore_iterative": self.kcore_iterative,
-            "min_history": self.min_history,
-            "time_order": self.time_order,
         }
+        if self.min_history != MIN_HISTORY:
+            settings["min_history"] = self.min_history
+        if self.time_order != "sort":
+            settings["time_order"] = self.time_order
         if self.event_types is not None:
             settings.update(
                 event_types=list(self.event_types),

@@ -447,3 +447,24 @@ def test_serving_and_export_refuse_a_model_that_reads_events():
     model = SASRec(num_items=30, max_len=8, dim=16, num_event_types=3, event_embedding=True, ks=[1, 5])
     with pytest.raises(UserInputError, match="export: this SASRec reads event types"):
         TopKScorer(model, k=5)
+
+
+def test_data_without_event_settings_keeps_its_fingerprint():
+    """Checkpoints record their data's fingerprint: the settings added for event types must not
+    change it for data that does not use them (or every older checkpoint would be refused)."""
+    from recsys.data.preprocess import fingerprint
+
+    plain = PreprocessSettings(min_item_interactions=5)
+    assert plain.as_dict() == {
+        "min_rating": None,
+        "min_user_interactions": 0,
+        "min_item_interactions": 5,
+        "kcore_iterative": True,
+    }
+    source = {"format": "synthetic", "synthetic": {"num_users": 10}}
+    assert fingerprint(source, plain) != fingerprint(
+        source, PreprocessSettings(min_item_interactions=5, min_history=2)
+    )
+    assert fingerprint(source, plain) != fingerprint(
+        source, PreprocessSettings(min_item_interactions=5, event_types=("view", "buy"))
+    )
