@@ -59,6 +59,7 @@ def test_browse_buy_notebook_executes_on_small_data_and_compares_variants(
             (run / "overrides.yaml").write_text(f"- experiment={variant}\n- seed={seed}\n")
     monkeypatch.setenv("RECSYS_SHARED_DATA", str(shared))
     monkeypatch.setenv("RECSYS_BROWSE_BUY_RUNS", str(runs))
+    monkeypatch.setenv("RECSYS_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("RECSYS_NOTEBOOK_FIGURES", str(tmp_path / "figures"))
     notebook = nbformat.read(ROOT / "notebooks" / "browse_buy.ipynb", as_version=4)
     NotebookClient(
