@@ -15,7 +15,7 @@ import pandas as pd
 from recsys.data.datamodule import EventSplit
 from recsys.data.preprocess import SequenceData
 from recsys.errors import UserInputError
-from recsys.results import HISTORY_LENGTH_EDGES, _bucket_labels
+from recsys.results import HISTORY_LENGTH_EDGES, bucket_labels
 
 
 def purchases_browsed_before(
@@ -52,7 +52,7 @@ def purchases_browsed_before(
 
 def browsed_by_history_length(purchases: pd.DataFrame) -> pd.DataFrame:
     """Share of purchases browsed before, per part and history-length bucket, with counts."""
-    labels = _bucket_labels(HISTORY_LENGTH_EDGES)
+    labels = bucket_labels(HISTORY_LENGTH_EDGES)
     bucket = np.searchsorted(np.asarray(HISTORY_LENGTH_EDGES), purchases["history_length"], side="right") - 1
     frame = purchases.assign(history=np.asarray(labels, dtype=object)[np.maximum(bucket, 0)])
     shares = [c for c in purchases.columns if c.endswith("_before")]

@@ -230,6 +230,16 @@ def compare_runs(
 _NOT_IN_NAMES = ("seed=", "logger", "trainer.enable_progress_bar", "callbacks.rich_progress_bar", "hydra.")
 
 
+def seed_groups(runs: Sequence[RunResults]) -> list[list[RunResults]]:
+    """Runs whose configs differ only in their seeds, grouped, in the order groups first appear;
+    a run without a config is a group of its own."""
+    groups: dict[str, list[RunResults]] = {}
+    for run in runs:
+        key = run.config_key if run.config_key is not None else f"no config: {run.path}"
+        groups.setdefault(key, []).append(run)
+    return list(groups.values())
+
+
 def _group_name(members: Sequence[RunResults]) -> str:
     """A seed group's name: its first run's overrides without the seed (multiruns), else its
     first run's directory name; with the number of seeds."""
@@ -249,12 +259,8 @@ def average_over_seeds(runs: Sequence[RunResults]) -> list[RunResults]:
 
     Comparing these averages user by user is the paired test across seeds: the seed-to-seed noise
     of each variant is averaged out before the variants are compared on the same users."""
-    groups: dict[str, list[RunResults]] = {}
-    for run in runs:
-        key = run.config_key if run.config_key is not None else str(run.path)
-        groups.setdefault(key, []).append(run)
     averaged = []
-    for members in groups.values():
+    for members in seed_groups(runs):
         check_paired(members)
         frames = [m.per_user for m in members]
         numeric = [c for c in frames[0].columns if c not in ("user_id", "target_item_id")]
@@ -271,13 +277,9 @@ def seed_summary(
     runs: Sequence[RunResults], metrics: Sequence[str], confidence: float = 0.95
 ) -> pd.DataFrame:
     """For each group of runs whose configs differ only in seeds: mean over seeds with a t interval."""
-    groups: dict[str, list[RunResults]] = {}
-    for run in runs:
-        if run.config_key is not None:
-            groups.setdefault(run.config_key, []).append(run)
     rows = []
-    for members in groups.values():
-        if len(members) < 2:
+    for members in seed_groups(runs):
+        if len(members) < 2 or members[0].config_key is None:
             continue
         for metric in metrics:
             run_means = np.array([m.per_user[metric].mean() for m in members])

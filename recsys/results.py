@@ -58,7 +58,7 @@ def per_user_frame(
     return frame
 
 
-def _bucket_labels(edges) -> list[str]:
+def bucket_labels(edges) -> list[str]:
     labels = []
     for low, high in zip(edges, (*edges[1:], None)):
         if high is None:
@@ -78,7 +78,7 @@ def slice_metrics(frame: pd.DataFrame, metrics=("hr@10", "ndcg@10", "mrr@10")) -
     present = [m for m in metrics if m in frame.columns]
     rows = []
     for column, edges in slices:
-        labels = _bucket_labels(edges)
+        labels = bucket_labels(edges)
         index = np.searchsorted(np.asarray(edges), frame[column].to_numpy(), side="right") - 1
         for bucket, label in enumerate(labels):
             members = frame[index == bucket]

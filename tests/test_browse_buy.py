@@ -10,28 +10,21 @@ import json
 import pandas as pd
 import pytest
 
-from tests.test_entrypoints import common, run
+from tests.test_entrypoints import common, run, train_one_tiny_epoch
 
 
 @pytest.mark.parametrize("preset", ["browse_buy_purchases", "browse_buy_typed_gaps", "browse_buy_popular"])
 def test_every_browse_buy_preset_runs_one_tiny_epoch(tmp_path, preset, retailrocket_files):
     events, test = retailrocket_files(tmp_path / "rr")
     run_dir = tmp_path / "run"
-    run(
-        "train.py",
+    metrics = train_one_tiny_epoch(
+        tmp_path,
+        run_dir,
         f"experiment={preset}",
         f"data.path={events}",
         f"data.test_path={test}",
         "model.ks=[1,5,10]",
-        "logger=none",
-        "trainer.max_epochs=1",
-        "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false",
-        "~callbacks.rich_progress_bar",
-        f"hydra.run.dir={run_dir}",
-        *common(tmp_path),
     )
-    metrics = json.loads((run_dir / "metrics.json").read_text())
     assert 0.0 <= metrics["test/ndcg@10"] <= 1.0
     assert metrics["protocol"].startswith("next buy event from the full history before it")
     assert metrics["exclude_seen"] == ["buy"]

@@ -186,14 +186,11 @@ def test_every_preset_is_tested():
     assert shipped == set(PRESETS) | set(BROWSE_BUY_PRESETS)
 
 
-@pytest.mark.parametrize("preset", PRESETS)
-def test_every_preset_runs_one_tiny_epoch(tmp_path, preset):
-    run_dir = tmp_path / "run"
+def train_one_tiny_epoch(tmp_path, run_dir, *overrides) -> dict:
+    """train.py for one quiet epoch into run_dir; its metrics.json."""
     run(
         "train.py",
-        f"experiment={preset}",
-        "data=synthetic",
-        "data.synthetic.num_items=300",  # room for the presets' 256 negatives
+        *overrides,
         "logger=none",
         "trainer.max_epochs=1",
         "trainer.enable_progress_bar=false",
@@ -202,7 +199,19 @@ def test_every_preset_runs_one_tiny_epoch(tmp_path, preset):
         f"hydra.run.dir={run_dir}",
         *common(tmp_path),
     )
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_runs_one_tiny_epoch(tmp_path, preset):
+    run_dir = tmp_path / "run"
+    metrics = train_one_tiny_epoch(
+        tmp_path,
+        run_dir,
+        f"experiment={preset}",
+        "data=synthetic",
+        "data.synthetic.num_items=300",  # room for the presets' 256 negatives
+    )
     assert metrics["epochs"] == 1 and 0.0 <= metrics["test/ndcg@10"] <= 1.0
     if preset not in ("bert4rec", "popular", "sasrec_sampled"):
         return  # the models and losses built from data (item counts, [MASK]) are the ones to re-check

@@ -8,24 +8,30 @@ from nbclient import NotebookClient
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_compare_runs_notebook_executes_and_saves_its_figures(tmp_path, monkeypatch):
-    monkeypatch.setenv("RECSYS_NOTEBOOK_FIGURES", str(tmp_path / "figures"))
-    monkeypatch.setenv("RECSYS_NOTEBOOK_WORKDIR", str(tmp_path / "runs"))
-    monkeypatch.delenv("RECSYS_NOTEBOOK_RUNS", raising=False)
-    notebook = nbformat.read(ROOT / "notebooks" / "compare_runs.ipynb", as_version=4)
+def execute(name: str, timeout: int) -> str:
+    """Run notebooks/<name> headless from its folder; its markdown outputs, joined."""
+    notebook = nbformat.read(ROOT / "notebooks" / name, as_version=4)
     NotebookClient(
         notebook,
-        timeout=900,
+        timeout=timeout,
         kernel_name="python3",
         resources={"metadata": {"path": str(ROOT / "notebooks")}},
     ).execute()
-    figures = {p.name for p in (tmp_path / "figures").iterdir()}
-    assert figures == {"training_curves.png", "ndcg_by_slice.png", "per_user_differences.png"}
     outputs = "".join(
         str(output.get("data", {}).get("text/markdown", ""))
         for cell in notebook.cells
         for output in cell.get("outputs", [])
     )
+    return outputs
+
+
+def test_compare_runs_notebook_executes_and_saves_its_figures(tmp_path, monkeypatch):
+    monkeypatch.setenv("RECSYS_NOTEBOOK_FIGURES", str(tmp_path / "figures"))
+    monkeypatch.setenv("RECSYS_NOTEBOOK_WORKDIR", str(tmp_path / "runs"))
+    monkeypatch.delenv("RECSYS_NOTEBOOK_RUNS", raising=False)
+    outputs = execute("compare_runs.ipynb", timeout=900)
+    figures = {p.name for p in (tmp_path / "figures").iterdir()}
+    assert figures == {"training_curves.png", "ndcg_by_slice.png", "per_user_differences.png"}
     assert "Paired comparison against `sasrec`" in outputs
 
 
@@ -61,18 +67,7 @@ def test_browse_buy_notebook_executes_on_small_data_and_compares_variants(
     monkeypatch.setenv("RECSYS_BROWSE_BUY_RUNS", str(runs))
     monkeypatch.setenv("RECSYS_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("RECSYS_NOTEBOOK_FIGURES", str(tmp_path / "figures"))
-    notebook = nbformat.read(ROOT / "notebooks" / "browse_buy.ipynb", as_version=4)
-    NotebookClient(
-        notebook,
-        timeout=600,
-        kernel_name="python3",
-        resources={"metadata": {"path": str(ROOT / "notebooks")}},
-    ).execute()
+    outputs = execute("browse_buy.ipynb", timeout=600)
     assert {p.name for p in (tmp_path / "figures").iterdir()} == {"purchases_browsed_before.png"}
-    outputs = "".join(
-        str(output.get("data", {}).get("text/markdown", ""))
-        for cell in notebook.cells
-        for output in cell.get("outputs", [])
-    )
     assert "Paired comparison against `experiment=browse_buy_purchases (2 seeds)`" in outputs
     assert "experiment=browse_buy_typed (2 seeds)" in outputs

@@ -85,23 +85,19 @@ class EventSplit:
 
     def __init__(self, data: SequenceData, target_codes: list[int] | None):
         starts, ends = data.offsets[:-1], data.offsets[1:]
-        if target_codes is None:
+        self.is_target = None if target_codes is None else np.isin(data.events, target_codes)
+        if self.is_target is None:
             self.test_pos = ends - 1
             self.val_pos = ends - 2
-            self.skipped_users = 0
         else:
-            is_target = np.isin(data.events, target_codes)
-            positions = np.flatnonzero(is_target)
+            positions = np.flatnonzero(self.is_target)
             owner = np.searchsorted(ends, positions, side="right")  # user of each target event
-            count = np.bincount(owner, minlength=data.num_users)
-            last = np.full(data.num_users, -1, dtype=np.int64)
-            np.maximum.at(last, owner, positions)
-            before_last = np.full(data.num_users, -1, dtype=np.int64)
-            earlier = positions < last[owner]
-            np.maximum.at(before_last, owner[earlier], positions[earlier])
-            self.test_pos, self.val_pos = last, before_last
-            self.skipped_users = int((count == 0).sum())
-        self.is_target = None if target_codes is None else np.isin(data.events, target_codes)
+            self.test_pos = np.full(data.num_users, -1, dtype=np.int64)
+            np.maximum.at(self.test_pos, owner, positions)
+            self.val_pos = np.full(data.num_users, -1, dtype=np.int64)
+            earlier = positions < self.test_pos[owner]
+            np.maximum.at(self.val_pos, owner[earlier], positions[earlier])
+        self.skipped_users = int((self.test_pos < 0).sum())  # users with no target event
         # Training uses everything before the validation target (or the test target, for a user
         # without one): no target is ever trained on.
         train_end = np.where(self.val_pos >= 0, self.val_pos, self.test_pos)
@@ -514,6 +510,7 @@ class SequenceDataModule(pl.LightningDataModule):
         self.data: SequenceData | None = None
         self.split: EventSplit | None = None
         self._gaps: np.ndarray | None = None
+        self._evaluated: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._device_windows: tuple[torch.Tensor, np.ndarray] | None = None
         self._train_item_counts: torch.Tensor | None = None
 
@@ -737,6 +734,8 @@ class SequenceDataModule(pl.LightningDataModule):
         """(users, target positions) evaluated on `split`: every user whose target has a history
         (all users under plain leave-one-out; see EventSplit)."""
         self.setup()
+        if split in self._evaluated:  # asked for at every validation and test pass
+            return self._evaluated[split]
         users, positions = self.split.targets(split)
         if self.hide_target_item:
             # Without the target item's own events a history may be empty: nothing to rank from.
@@ -754,6 +753,7 @@ class SequenceDataModule(pl.LightningDataModule):
                     split,
                 )
             users, positions = users[keep], positions[keep]
+        self._evaluated[split] = (users, positions)
         return users, positions
 
     def validation_users(self) -> np.ndarray | None:

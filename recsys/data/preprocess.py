@@ -217,7 +217,7 @@ def preprocess(
 ) -> SequenceData:
     """Canonical interactions -> SequenceData (without fingerprint). `source` names it in messages."""
     frame = interactions
-    where = _RowLocator(interactions, source)
+    where = _RowLocator.of(interactions, source)
     stats: dict[str, Any] = {"raw_interactions": int(len(frame))}
     if settings.min_rating is not None:
         if "rating" not in frame.columns:
@@ -305,19 +305,21 @@ def preprocess(
     return data
 
 
+@dataclass(frozen=True)
 class _RowLocator:
     """Names a row of the interactions table as the file line it came from ("path:line"), also
-    after rows have been filtered out."""
+    after rows have been filtered out (`rows`: the file row of each remaining table row)."""
 
-    def __init__(self, frame: pd.DataFrame, source: str):
-        self.path = frame.attrs.get("path", source)
-        self.first_line = frame.attrs.get("first_data_line")
-        self.rows = np.arange(len(frame))
+    path: str
+    first_line: int | None  # the file line of row 0; None for parquet, whose rows are not lines
+    rows: np.ndarray
+
+    @classmethod
+    def of(cls, frame: pd.DataFrame, source: str) -> _RowLocator:
+        return cls(frame.attrs.get("path", source), frame.attrs.get("first_data_line"), np.arange(len(frame)))
 
     def subset(self, mask: np.ndarray) -> _RowLocator:
-        located = object.__new__(_RowLocator)
-        located.path, located.first_line, located.rows = self.path, self.first_line, self.rows[mask]
-        return located
+        return _RowLocator(self.path, self.first_line, self.rows[mask])
 
     def __call__(self, position: int) -> str:
         row = int(self.rows[position])
@@ -335,19 +337,18 @@ def _event_codes(
             f"data.event_types: {where.path} has no event column (for an interactions file, map one "
             "with data.columns.event)"
         )
-    names = frame["event"].astype(str).to_numpy()
+    # Rename and code each distinct name once, not each row.
+    names, row_name = np.unique(frame["event"].astype(str).to_numpy(), return_inverse=True)
     renamed = dict(settings.event_map)
-    if renamed:
-        names = np.asarray([renamed.get(n, n) for n in names], dtype=object).astype(str)
+    names = [renamed.get(name, name) for name in names.tolist()]
     types = list(settings.event_types)
-    codes = np.zeros(len(names), dtype=np.int8)
-    for code, name in enumerate(types, start=1):
-        codes[names == name] = code
+    name_codes = np.asarray([types.index(n) + 1 if n in types else 0 for n in names], dtype=np.int8)
+    codes = name_codes[row_name]
     unknown = codes == 0
     if unknown.any():
         position = int(np.argmax(unknown))
         raise UserInputError(
-            f"{where(position)}: event {names[position]!r} is not one of data.event_types {types} "
+            f"{where(position)}: event {names[row_name[position]]!r} is not one of data.event_types {types} "
             "(add it there, or rename it with data.event_map)"
         )
     stats["raw_events_by_type"] = {name: int((codes == c).sum()) for c, name in enumerate(types, start=1)}

@@ -154,7 +154,8 @@ class SequentialRecommender(pl.LightningModule):
     def reads_events(self) -> bool:
         """True for a model built to read event types or time gaps (recsys/models/events.py):
         evaluation then hands it the history's `events`, `gaps` and the `target_event` type."""
-        return False
+        behaviour = getattr(self, "behaviour", None)  # a model's BehaviourEmbedding, if it has one
+        return behaviour is not None and behaviour.active
 
     def history_features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if not self.reads_events:

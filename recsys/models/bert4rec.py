@@ -94,10 +94,6 @@ class BERT4Rec(SequentialRecommender):
         init_weights(self, init_std)
 
     @property
-    def reads_events(self) -> bool:
-        return self.behaviour.active
-
-    @property
     def catalogue_embeddings(self) -> torch.Tensor:
         """Rows 0..num_items of the embedding table: padding and the items, not [MASK]."""
         return self.item_embedding.weight[: self.num_items + 1]

@@ -69,10 +69,6 @@ class SASRec(SequentialRecommender):
         self._set_loss(loss if loss is not None else FullCrossEntropy())
         init_weights(self, init_std)
 
-    @property
-    def reads_events(self) -> bool:
-        return self.behaviour.active
-
     def forward(
         self,
         input_ids: torch.Tensor,
