@@ -63,14 +63,27 @@ SPLITS = ("val", "test")
 NUM_GAP_BUCKETS = 66
 
 
+def gap_bucket(gaps: np.ndarray) -> np.ndarray:
+    """int8 bucket (2 and up) of time gaps in the timestamps' unit."""
+    buckets = 2 + np.floor(np.log2(1.0 + np.maximum(gaps.astype(np.float64), 0.0)))
+    return np.minimum(buckets, NUM_GAP_BUCKETS - 1).astype(np.int8)
+
+
 def time_gap_buckets(offsets: np.ndarray, timestamps: np.ndarray) -> np.ndarray:
     """(num_events,) int8 bucket of the time since the same user's previous event."""
-    gaps = np.diff(timestamps.astype(np.float64), prepend=0.0)
-    buckets = 2 + np.floor(np.log2(1.0 + np.maximum(gaps, 0.0)))
-    buckets = np.minimum(buckets, NUM_GAP_BUCKETS - 1).astype(np.int8)
+    buckets = gap_bucket(np.diff(timestamps.astype(np.float64), prepend=0.0))
     first = offsets[:-1][np.diff(offsets) > 0]
     buckets[first] = 1
     return buckets
+
+
+def compacted_gap_buckets(times: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """Gap buckets of right-compacted rows of timestamps (B, L) whose first `kept` positions are
+    real: each counts from the row's previous kept event, the first is bucket 1, padding 0."""
+    buckets = np.ones(times.shape, dtype=np.int8)
+    if times.shape[1] > 1:
+        buckets[:, 1:] = gap_bucket(np.diff(times.astype(np.float64), axis=1))
+    return np.where(kept, buckets, 0).astype(np.int8)
 
 
 class EventSplit:
@@ -228,6 +241,13 @@ class EvalUsers(Dataset):
             seen_features = {
                 k: np.where(kept, np.take_along_axis(v, order, axis=1), 0) for k, v in seen_features.items()
             }
+            if "gaps" in seen_features:
+                # As if the hidden events never happened: each gap counts from the previous kept
+                # event (a hidden event in between would otherwise show through its neighbour's gap).
+                times = np.take_along_axis(
+                    gather_windows(data.timestamps, seen_start, target_pos), order, axis=1
+                )
+                seen_features["gaps"] = compacted_gap_buckets(times, kept)
         lengths = (seen != 0).sum(axis=1)
         # The model sees the last max_len of them.
         begin = np.maximum(lengths - self.max_len, 0)

@@ -433,6 +433,19 @@ def test_hide_target_item_removes_the_targets_own_events_from_the_query(retailro
     assert dm.evaluated_users("test")[0].tolist() == [0, 1]
 
 
+def test_hidden_events_do_not_show_through_the_time_gaps(write_file, tmp_path):
+    # User 0 views 14 long before anything else, later buys it (the validation target): with the
+    # view hidden, the view of 10 is the history's first event (bucket 1), not 900 s after one.
+    events = (
+        "user_id,item_id,behavior,timestamp\n0,14,view,100\n0,10,view,1000\n0,11,view,1100\n0,14,buy,1200\n"
+    )
+    paths = write_file("h/events.csv", events), write_file("h/test.csv", "user_id,item_id\n0,13\n")
+    val = next(iter(make_dm(paths, tmp_path, hide_target_item=True).eval_dataloader("val")))
+    assert val["history_gaps"][0].tolist() == [1, 2 + int(np.log2(101))]
+    shown = next(iter(make_dm(paths, tmp_path / "b").eval_dataloader("val")))
+    assert shown["history_gaps"][0].tolist() == [1, 2 + int(np.log2(901)), 2 + int(np.log2(101))]
+
+
 def test_long_histories_keep_their_last_max_len_events(retailrocket, tmp_path):
     dm = make_dm(retailrocket, tmp_path, max_len=2, hide_target_item=True)
     test = next(iter(dm.eval_dataloader("test")))
