@@ -78,8 +78,8 @@ def time_gap_buckets(offsets: np.ndarray, timestamps: np.ndarray) -> np.ndarray:
 
 
 def compacted_gap_buckets(times: np.ndarray, kept: np.ndarray) -> np.ndarray:
-    """Gap buckets of right-compacted rows of timestamps (B, L) whose first `kept` positions are
-    real: each counts from the row's previous kept event, the first is bucket 1, padding 0."""
+    """Gap buckets of right-compacted rows of timestamps (B, L), real where `kept`: each counts
+    from the row's previous kept event, the first is bucket 1, padding 0."""
     buckets = np.ones(times.shape, dtype=np.int8)
     if times.shape[1] > 1:
         buckets[:, 1:] = gap_bucket(np.diff(times.astype(np.float64), axis=1))
@@ -232,6 +232,11 @@ class EvalUsers(Dataset):
         # target item's own earlier events (then compacted, still right-padded).
         seen = gather_windows(data.items, seen_start, target_pos)
         per_event = {"events": data.events, "gaps": self.gaps} if data.has_events else {}
+        if self.hide_target_item and data.has_events:
+            # As if the hidden events never happened: the gaps are recomputed from the kept events'
+            # timestamps (a hidden event in between would otherwise show through its neighbour's gap).
+            per_event["times"] = data.timestamps
+            del per_event["gaps"]
         seen_features = {k: gather_windows(v, seen_start, target_pos) for k, v in per_event.items()}
         if self.hide_target_item:
             keep = (seen != 0) & (seen != target[:, None])
@@ -241,13 +246,8 @@ class EvalUsers(Dataset):
             seen_features = {
                 k: np.where(kept, np.take_along_axis(v, order, axis=1), 0) for k, v in seen_features.items()
             }
-            if "gaps" in seen_features:
-                # As if the hidden events never happened: each gap counts from the previous kept
-                # event (a hidden event in between would otherwise show through its neighbour's gap).
-                times = np.take_along_axis(
-                    gather_windows(data.timestamps, seen_start, target_pos), order, axis=1
-                )
-                seen_features["gaps"] = compacted_gap_buckets(times, kept)
+            if "times" in seen_features:
+                seen_features["gaps"] = compacted_gap_buckets(seen_features.pop("times"), kept)
         lengths = (seen != 0).sum(axis=1)
         # The model sees the last max_len of them.
         begin = np.maximum(lengths - self.max_len, 0)
