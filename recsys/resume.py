@@ -240,6 +240,13 @@ class CSVLogger(LightningCSVLogger):
                     for r in reader
                     if r.get("step", "").isdigit() and int(r["step"]) <= self._keep_until_step
                 ]
+            # A row with more values than the header (DictReader files them under None) was written
+            # by a save that the requeue signal interrupted after Lightning had widened its keys but
+            # before it rewrote the header: its values no longer line up with any column.
+            misaligned = [r for r in rows if None in r]
+            if misaligned:
+                log.warning("%s: %d rows with more values than columns left out", path, len(misaligned))
+                rows = [r for r in rows if None not in r]
         experiment = super().experiment  # Lightning's writer removes the old file here
         if experiment is not None and header:
             with open(path, "w", newline="") as handle:

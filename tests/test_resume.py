@@ -210,3 +210,15 @@ def test_csv_logger_keeps_the_rows_up_to_the_resumed_step(tmp_path):
     logger.save()
     lines = (log_dir / "metrics.csv").read_text().splitlines()
     assert lines == ["epoch,step,val/ndcg@10", "0,7,0.5", "1,14,0.6", "2,21,0.65"]
+
+
+def test_csv_logger_leaves_out_rows_longer_than_the_header(tmp_path):
+    # An interrupted save can append a row with a column the header does not have yet.
+    log_dir = tmp_path / "csv"
+    log_dir.mkdir()
+    (log_dir / "metrics.csv").write_text("epoch,step,val/ndcg@10\n0,7,0.5\n1,14,0.6,0.9\n")
+    logger = CSVLogger(save_dir=tmp_path, name="csv", version="", keep_until_step=14)
+    logger.log_metrics({"val/ndcg@10": 0.65, "epoch": 2}, step=21)
+    logger.save()
+    lines = (log_dir / "metrics.csv").read_text().splitlines()
+    assert lines == ["epoch,step,val/ndcg@10", "0,7,0.5", "2,21,0.65"]
