@@ -46,6 +46,7 @@ def main() -> None:
         "--chunk-size", type=int, default=256, help="tokens per loss chunk; 0 = F.cross_entropy"
     )
     parser.add_argument("--no-bucketing", action="store_true", help="plain shuffled batches")
+    parser.add_argument("--fused", action="store_true", help="the Triton loss kernels (loss.fused=true)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network")
     parser.add_argument(
         "--device-batches", default="auto", help="auto | true | false (see configs/data/common.yaml)"
@@ -75,7 +76,7 @@ def main() -> None:
         dim=args.dim,
         num_blocks=args.blocks,
         dropout=args.dropout,
-        loss=FullCrossEntropy(chunk_size=args.chunk_size or None),
+        loss=FullCrossEntropy(chunk_size=args.chunk_size or None, fused=args.fused),
     )
     compiled = maybe_compile(model, args.compile, "cuda" if uses_cuda(args.accelerator) else "cpu")
     timer = EpochTimer()

@@ -3,6 +3,10 @@
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh          # on the GPU machine, from the repo root
 #   QUICK=1 OUT=/tmp/check bash benchmarks/gpu_check.sh  # tiny sizes: a dry run on any machine
+#   PICK='fused' PYTEST_K=fused OUT=... bash benchmarks/gpu_check.sh   # only what matches
+#
+# PICK: an extended regex; only the benchmarks whose command line matches it run. PYTEST_K: passed
+# to pytest -k. Both let a short lease rerun just what changed since the last full run.
 #
 # Installs the wheels carried in .whl/ (hydra-core, omegaconf, antlr4: the GPU image lacks them),
 # runs the GPU tests, then the benchmarks, each under its own time limit so that one stuck step
@@ -32,6 +36,9 @@ $PY -c "import torch, pytorch_lightning as pl; print('torch', torch.__version__,
 bench() {
     local limit=$1
     shift
+    if [ -n "${PICK:-}" ] && ! echo "$*" | grep -Eq -- "$PICK"; then
+        return
+    fi
     echo "== $*"
     local started=$SECONDS
     timeout "$limit" $PY "$@" 2>"$OUT/last_stderr.txt" | tail -n 1 | tee -a "$RESULTS"
@@ -51,11 +58,29 @@ fi
 
 # Most important first: a run cut short still has them.
 echo "== GPU tests"
-timeout 150 $PY -m pytest tests/models/test_gpu.py -x -p no:cacheprovider >"$OUT/pytest.log" 2>&1
+timeout 150 $PY -m pytest tests/models/test_gpu.py tests/test_fused_cross_entropy.py -p no:cacheprovider \
+    -n 0 ${PYTEST_K:+-k "$PYTEST_K"} >"$OUT/pytest.log" 2>&1
 echo "   pytest exit $? ($(tail -n 1 "$OUT/pytest.log"))"
 
 # Training throughput, 100k-item synthetic catalogue, length 200 (target: 2M target tokens/s).
 TP="--items $TP_ITEMS --users $TP_USERS --max-len $TP_LEN --steps $STEPS --warmup $WARM"
+bench 120 benchmarks/train_throughput.py --model sasrec $TP --fused
+bench 60 benchmarks/loss.py --items $ITEMS_LARGE --tokens 4096 --impl fused --precision bf16
+bench 100 benchmarks/epoch_time.py --accelerator $ACCEL --precision bf16-mixed --epochs $EPOCHS --fused
+bench 150 benchmarks/train_throughput.py --model sasrec --items $ITEMS_HUGE --users 20000 --max-len 50 --batch-size 128 --steps 5 --warmup 2 --fused
+bench 90 benchmarks/loss.py --items $ITEMS_HUGE --tokens 4096 --impl fused --precision bf16
+bench 60 benchmarks/loss.py --items $ITEMS_LARGE --tokens 4096 --impl fused
+bench 120 benchmarks/train_throughput.py --model bert4rec $TP --fused
+# Where an epoch's time goes (Lightning's hooks) and a step's (torch.profiler's kernels): packed
+# into $OUT/profiles.tgz.
+mkdir -p /tmp/profiles
+bench 100 benchmarks/epoch_time.py --accelerator $ACCEL --precision bf16-mixed --epochs 2 --fused --profile /tmp/profiles/epoch
+bench 120 benchmarks/train_throughput.py --model sasrec $TP --steps 10 --warmup 3 --fused --profile /tmp/profiles/throughput
+tar -czf "$OUT/profiles.tgz" -C /tmp/profiles . 2>/dev/null
+# Compiled network (the launch-bound Beauty epoch is what compiling can shorten): a minute or two each.
+bench 150 benchmarks/epoch_time.py --accelerator $ACCEL --precision bf16-mixed --epochs $EPOCHS --fused --compile
+bench 120 benchmarks/train_throughput.py --model sasrec $TP --fused --compile
+# The PyTorch losses: the same figures without the Triton kernels.
 bench 120 benchmarks/train_throughput.py --model sasrec $TP
 # SASRec on amazon_beauty (the shipped copy), batch 128 as in the presets (target: < 1 s/epoch).
 bench 100 benchmarks/epoch_time.py --accelerator $ACCEL --precision bf16-mixed --epochs $EPOCHS
@@ -71,8 +96,6 @@ bench 90 benchmarks/ranking.py --items $ITEMS_LARGE --users $USERS
 bench 45 benchmarks/attention.py --precision bf16
 bench 45 benchmarks/attention.py --padding --heads 2 --precision bf16
 bench 120 benchmarks/train_throughput.py --model bert4rec $TP
-# Compiled variant last: it compiles for about a minute. (benchmarks/epoch_time.py --compile is
-# left out: a second compile costs lease time that the training runs need more.)
 bench 120 benchmarks/train_throughput.py --model sasrec $TP --compile
 
 rm -f "$OUT/last_stderr.txt"

@@ -6,6 +6,9 @@
 --impl chunked: `recsys.losses.FullCrossEntropy` as train.py uses it (token chunks while the
 logits fit 1 GiB, item chunks with recomputation beyond). A `full` run that would not fit the
 memory available is skipped with the estimate instead of being killed.
+--impl fused: the Triton kernels of `recsys.fused_cross_entropy` (a CUDA GPU with Triton only).
+--precision bf16 runs the step under a bf16 autocast, as trainer=gpu trains (only the fused
+kernels change: the torch paths compute in float32 either way).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import statistics
 import torch
 from report import available_memory_bytes, emit, peak_memory, pick_device, reset_peak_memory, timed
 
+from recsys.fused_cross_entropy import unavailable_reason as fused_unavailable_reason
 from recsys.losses import FullCrossEntropy
 
 
@@ -26,7 +30,8 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=1_000_000)
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--impl", choices=["full", "chunked"], default="chunked")
+    parser.add_argument("--impl", choices=["full", "chunked", "fused"], default="chunked")
+    parser.add_argument("--precision", choices=["32", "bf16"], default="32")
     parser.add_argument("--item-chunk-size", type=int, default=None, help="chunked only; default: automatic")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto")
@@ -52,12 +57,20 @@ def main() -> None:
     table = (0.1 * torch.randn(args.items + 1, args.dim, device=device, generator=generator)).requires_grad_()
     targets = torch.randint(1, args.items + 1, (args.tokens,), device=device, generator=generator)
     loss = FullCrossEntropy(
-        chunk_size=None if args.impl == "full" else 256, item_chunk_size=args.item_chunk_size
+        chunk_size=None if args.impl == "full" else 256,
+        item_chunk_size=args.item_chunk_size,
+        fused=args.impl == "fused",
     )
+    if args.impl == "fused" and fused_unavailable_reason(device) is not None:
+        emit("loss_step", device, config, skipped=True, reason=fused_unavailable_reason(device))
+        return
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
     def step() -> None:
         hidden.grad = table.grad = None
-        loss(hidden, targets, table).backward()
+        with autocast:
+            value = loss(hidden, targets, table)
+        value.backward()
 
     reset_peak_memory(device)
     times = timed(step, device, args.repeats)

@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--precision", default="bf16-mixed")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--item-chunk-size", type=int, default=None)
+    parser.add_argument("--fused", action="store_true", help="the Triton loss kernels (loss.fused=true)")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=15)
     parser.add_argument("--accelerator", default="auto")
@@ -107,7 +108,7 @@ def main() -> None:
         item_ids=np.arange(args.items + 1),
         fingerprint="synthetic-benchmark",
     )
-    loss = FullCrossEntropy(item_chunk_size=args.item_chunk_size)
+    loss = FullCrossEntropy(item_chunk_size=args.item_chunk_size, fused=args.fused)
     model_class = SASRec if args.model == "sasrec" else BERT4Rec
     model = model_class(
         args.items,

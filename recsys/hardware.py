@@ -59,6 +59,8 @@ def compile_problem(device_type: str) -> str | None:
     if device_type == "cuda":
         if importlib.util.find_spec("triton") is None:
             return "Triton is not installed"
+        if not torch.cuda.is_available():
+            return "torch sees no CUDA GPU"
         if torch.cuda.get_device_capability() < (7, 0):
             return f"{torch.cuda.get_device_name()} is older than compute capability 7.0"
         return None

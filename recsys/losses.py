@@ -13,6 +13,7 @@ and logQ correction need them).
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -20,6 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from recsys.errors import UserInputError
+from recsys.fused_cross_entropy import fused_cross_entropy
+from recsys.fused_cross_entropy import unavailable_reason as fused_unavailable_reason
+
+log = logging.getLogger(__name__)
 
 # Logits the loss may hold at once, in bytes, when item_chunk_size is left to choose itself.
 LOGITS_BUDGET_BYTES = 1 << 30
@@ -39,10 +44,22 @@ class FullCrossEntropy(nn.Module):
       `item_chunk_size` is set: `_ItemChunkedCrossEntropy` keeps only each token's logsumexp and
       recomputes a chunk's logits in backward, so memory is tokens x item_chunk_size whatever the
       catalogue (one extra matrix product: the price of catalogues of millions of items).
+
+    On a CUDA GPU with Triton, `fused` (true, or auto) uses the kernels of
+    `recsys.fused_cross_entropy` instead: the logits never leave the GPU's registers, so the loss
+    runs at tensor-core speed at any catalogue size. Their operands are bf16 under a bf16 autocast
+    (the torch paths here compute in float32). `fused: true` where they cannot run (no GPU, no
+    Triton) falls back to the torch paths with one warning.
     """
 
-    def __init__(self, chunk_size: int | None = 256, item_chunk_size: int | None = None):
+    def __init__(
+        self, chunk_size: int | None = 256, item_chunk_size: int | None = None, fused: bool | str = False
+    ):
         super().__init__()
+        if fused not in (True, False, "auto"):
+            raise UserInputError(f"loss.fused: must be true, false or auto, got {fused!r}")
+        self.fused = fused
+        self._fallback_warned = False
         if chunk_size is not None and chunk_size < 1:
             raise UserInputError(f"loss.chunk_size: must be >= 1 or null, got {chunk_size}")
         if item_chunk_size is not None and item_chunk_size < 1:
@@ -61,6 +78,8 @@ class FullCrossEntropy(nn.Module):
         self, hidden: torch.Tensor, targets: torch.Tensor, item_embeddings: torch.Tensor
     ) -> torch.Tensor:
         catalogue = item_embeddings[1:]  # padding is never a class
+        if self.fused and self._fused_can_run(hidden.device):
+            return fused_cross_entropy(hidden, catalogue, targets - 1)
         if self.chunk_size is None:
             return F.cross_entropy((hidden @ catalogue.T).float(), targets - 1)
         tokens, items = hidden.size(0), catalogue.size(0)
@@ -73,6 +92,15 @@ class FullCrossEntropy(nn.Module):
             token_chunk = self.chunk_size if hidden.device.type == "cpu" else max(tokens, 1)
             return _ChunkedSoftmaxCrossEntropy.apply(hidden, catalogue, targets - 1, token_chunk)
         return _ItemChunkedCrossEntropy.apply(hidden, catalogue, targets - 1, item_chunk)
+
+    def _fused_can_run(self, device: torch.device) -> bool:
+        reason = fused_unavailable_reason(device)
+        if reason is not None and self.fused is True and not self._fallback_warned:
+            self._fallback_warned = True
+            log.warning(
+                "loss.fused: the fused kernels cannot run (%s); using the PyTorch loss instead", reason
+            )
+        return reason is None
 
 
 class _ChunkedSoftmaxCrossEntropy(torch.autograd.Function):

@@ -11,6 +11,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from recsys import hardware
 from recsys.data import SequenceDataModule
+from recsys.fused_cross_entropy import unavailable_reason as fused_unavailable_reason
 from recsys.losses import FullCrossEntropy
 from recsys.metrics import chunked_ranking, target_ranks, top_k_items
 from recsys.models.bert4rec import BERT4Rec
@@ -88,6 +89,27 @@ def test_chunked_cross_entropy_on_gpu_equals_plain(item_chunk):
         assert relative_error(got, want) < 1e-2
 
 
+@pytest.mark.skipif(fused_unavailable_reason(CUDA) is not None, reason="needs Triton")
+@pytest.mark.parametrize("bf16", [False, True])
+def test_fused_cross_entropy_on_gpu_equals_plain(bf16):
+    torch.manual_seed(5)
+    hidden = torch.randn(3001, 64, device=CUDA, requires_grad=True)  # ends mid-block
+    table = (0.1 * torch.randn(20001, 64, device=CUDA)).requires_grad_()
+    targets = torch.randint(1, 20001, (3001,), device=CUDA)
+    targets[0] = 20000  # the last item, in the last (partial) block
+    reference = F.cross_entropy((hidden.double() @ table[1:].double().T), targets - 1)
+    ref_grads = torch.autograd.grad(reference, (hidden, table))
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        value = FullCrossEntropy(fused=True)(hidden, targets, table)
+    grads = torch.autograd.grad(value, (hidden, table))
+    # TF32 or bf16 operands (about 3 significant digits), float32 accumulation and softmax.
+    assert abs(value.item() - reference.item()) / reference.item() < 1e-3
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == torch.float32
+        assert relative_error(got, want) < 2e-2
+    assert grads[1][0].abs().sum() == 0  # the padding row is never a class
+
+
 def test_chunked_ranking_on_gpu_equals_full_ranking():
     torch.manual_seed(3)
     queries, items = torch.randn(256, 64, device=CUDA), torch.randn(100001, 64, device=CUDA)
@@ -114,7 +136,8 @@ def test_compiled_and_eager_agree_on_gpu(model_class):
     assert relative_error(compiled, eager) < 1e-3
 
 
-def test_bf16_fit_on_gpu_with_fused_adamw_and_device_batches():
+@pytest.mark.parametrize("fused_loss", [False, True])
+def test_bf16_fit_on_gpu_with_fused_adamw_and_device_batches(fused_loss):
     datamodule = SequenceDataModule(
         name="synthetic",
         format="synthetic",
@@ -124,7 +147,7 @@ def test_bf16_fit_on_gpu_with_fused_adamw_and_device_batches():
         device_batches=True,
     )
     datamodule.setup()
-    model = SASRec(datamodule.num_items, max_len=20, dim=32)
+    model = SASRec(datamodule.num_items, max_len=20, dim=32, loss=FullCrossEntropy(fused=fused_loss))
     trainer = pl.Trainer(
         accelerator="gpu",
         devices=1,

@@ -1,0 +1,96 @@
+"""The Triton cross-entropy kernels held to F.cross_entropy.
+
+On a CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set before Triton is
+imported, hence a subprocess), with small tiles so that every shape below spans several blocks
+and ranges and ends mid-block. tests/models/test_gpu.py runs them compiled on a GPU.
+"""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from recsys.errors import UserInputError
+from recsys.losses import FullCrossEntropy
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (tokens, items, dim, block_tokens, block_items): one token; fewer items than a block; dims that
+# are not a power of two; more blocks than the interpreter's programs (so ranges hold several).
+SHAPES = [(1, 5, 16, 16, 16), (37, 53, 24, 16, 16), (200, 1000, 64, 32, 64), (130, 300, 8, 16, 32)]
+
+CHECK = """
+import json, sys
+import torch, torch.nn.functional as F
+from recsys.fused_cross_entropy import fused_cross_entropy
+report = []
+for tokens, items, dim, block_tokens, block_items in json.loads(sys.argv[1]):
+    torch.manual_seed(tokens + items)
+    hidden = torch.randn(tokens, dim, requires_grad=True)
+    weight = (0.5 * torch.randn(items, dim)).requires_grad_()
+    targets = torch.randint(0, items, (tokens,))
+    targets[0] = items - 1  # the last item, in the last (partial) block
+    value = fused_cross_entropy(hidden, weight, targets, block_tokens, block_items)
+    grads = torch.autograd.grad(3.0 * value, (hidden, weight))  # an upstream gradient other than 1
+    reference = F.cross_entropy(hidden.double() @ weight.double().T, targets)
+    want = torch.autograd.grad(3.0 * reference, (hidden, weight))
+    report.append({
+        "value": abs(value.item() - reference.item()) / reference.item(),
+        "grads": [float((g.double() - w).norm() / w.norm()) for g, w in zip(grads, want)],
+    })
+print(json.dumps(report))
+"""
+
+
+def _triton_interpreter_problem() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return "triton is not installed (the Makefile's set-up installs it)"
+    major, minor = (int(part) for part in triton.__version__.split(".")[:2])
+    if (major, minor) < (3, 8):
+        # Older interpreters turn 1-element arrays into ints, which numpy >= 2.4 refuses.
+        return f"the interpreter of triton {triton.__version__} fails with this numpy; needs >= 3.8"
+    return None
+
+
+@pytest.mark.skipif(_triton_interpreter_problem() is not None, reason=str(_triton_interpreter_problem()))
+def test_fused_kernels_equal_plain_cross_entropy_in_the_interpreter():
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    done = subprocess.run(
+        [sys.executable, "-c", CHECK, json.dumps(SHAPES)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    for shape, errors in zip(SHAPES, json.loads(done.stdout.strip().splitlines()[-1])):
+        assert errors["value"] < 1e-5, shape
+        assert max(errors["grads"]) < 1e-5, (shape, errors["grads"])
+
+
+def test_fused_true_without_a_gpu_warns_once_and_uses_the_torch_loss(caplog):
+    torch.manual_seed(0)
+    hidden, table, targets = torch.randn(9, 8), torch.randn(21, 8), torch.randint(1, 21, (9,))
+    loss = FullCrossEntropy(fused=True)
+    with caplog.at_level(logging.WARNING, logger="recsys.losses"):
+        first, second = loss(hidden, targets, table), loss(hidden, targets, table)
+    assert first.item() == pytest.approx(FullCrossEntropy()(hidden, targets, table).item())
+    assert second.item() == first.item()
+    warnings = [r.getMessage() for r in caplog.records if "loss.fused" in r.getMessage()]
+    assert len(warnings) == 1 and "PyTorch loss instead" in warnings[0]
+
+
+def test_fused_auto_without_a_gpu_is_silent(caplog):
+    hidden, table, targets = torch.randn(4, 8), torch.randn(11, 8), torch.randint(1, 11, (4,))
+    with caplog.at_level(logging.WARNING, logger="recsys.losses"):
+        FullCrossEntropy(fused="auto")(hidden, targets, table)
+    assert not [r for r in caplog.records if "loss.fused" in r.getMessage()]
+
+
+def test_fused_must_be_true_false_or_auto():
+    with pytest.raises(UserInputError, match="loss.fused: must be true, false or auto, got 'yes'"):
+        FullCrossEntropy(fused="yes")
