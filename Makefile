@@ -6,13 +6,16 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_CPU := torch==2.13.0
+# Triton on a CPU machine only for its interpreter, which runs the fused loss kernels'
+# tests (tests/test_fused_cross_entropy.py); 3.8 because older interpreters fail with numpy >= 2.4.
+TRITON_CPU := triton==3.8.0
 
 .PHONY: setup train test lint bench clean-cache
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_CPU)
+	$(PY) -m pip install -q $(TORCH_CPU) $(TRITON_CPU)
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 

@@ -54,6 +54,20 @@ def check_precision(precision: str, accelerator: str) -> str:
     return precision
 
 
+def skip_cudnn_attention() -> None:
+    """Leave cuDNN out of the kernels SDPA may choose (flash, memory-efficient and math remain).
+
+    PyTorch prefers cuDNN's attention on Hopper GPUs, and cuDNN builds an execution plan for each
+    new input shape: 70-100 ms of CPU time for the forward and as much for the backward on an H100
+    (torch 2.11; the torch.profiler trace of benchmarks/train_throughput.py, see BENCHMARKS.md),
+    while a call with a shape it has seen takes 0.1-0.2 ms. Training batches are trimmed to their
+    longest sequence, so until every width has been seen nearly every batch is a new shape and the
+    GPU waits. Flash and memory-efficient attention have no per-shape set-up. The switch is global
+    (PyTorch has no other); it is harmless without a GPU.
+    """
+    torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def compile_problem(device_type: str) -> str | None:
     """Why torch.compile cannot run on `device_type` here, or None if it can."""
     if device_type == "cuda":

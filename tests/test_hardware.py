@@ -2,6 +2,7 @@ import functools
 import logging
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from recsys import hardware
@@ -62,3 +63,16 @@ def test_compiled_and_eager_models_agree():
         assert hardware.maybe_compile(model, True, "cpu", backend="aot_eager")
         compiled = model.user_vectors(history)
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_models_leave_cudnn_out_of_attention_when_lightning_sets_them_up():
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        model = SASRec(30, max_len=6, dim=16)
+        model.trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+        model.setup("fit")  # what Lightning calls before fit, validate, test and predict
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from recsys.errors import UserInputError
-from recsys.hardware import with_fused
+from recsys.hardware import skip_cudnn_attention, with_fused
 from recsys.losses import check_catalogue
 from recsys.metrics import (
     DEFAULT_KS,
@@ -173,6 +173,7 @@ class SequentialRecommender(pl.LightningModule):
     # --- optimisation ----------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
+        skip_cudnn_attention()  # its per-shape planning stalls every new batch width (hardware.py)
         # DDP wraps the model to all-reduce gradients, and refuses a model with nothing to train.
         if (
             stage == "fit"
