@@ -64,7 +64,11 @@ def test_fused_kernels_equal_plain_cross_entropy_in_the_interpreter():
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     done = subprocess.run(
-        [sys.executable, "-c", CHECK, json.dumps(SHAPES)], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", CHECK, json.dumps(SHAPES)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     for shape, errors in zip(SHAPES, json.loads(done.stdout.strip().splitlines()[-1])):
