@@ -5,8 +5,9 @@
 
 Generates Zipf-popular sequences with a learnable successor structure (`recsys.data.synthetic`),
 trains through the same Lightning Trainer, data module (device batches on a GPU), model and loss
-that train.py uses, and times the steps after `--warmup` (compilation and allocator warm-up stay
-out). Reports target tokens/s (positions that carry a loss: every real position for SASRec, the
+that train.py uses, and times `--steps` steps after `--warmup-epochs` whole epochs and `--warmup`
+steps (compilation, allocator and per-shape kernel planning stay out; the warm-up's time is
+reported as warmup_seconds). Reports target tokens/s (positions that carry a loss: every real position for SASRec, the
 masked ones for BERT4Rec), input tokens/s, sequences/s, and model FLOPs utilisation against the
 chip's dense bf16 peak: FLOPs counted as 6 x multiply-adds (forward + backward) of the blocks
 (12 d^2 per real token plus 2 L d for attention) and of the output layer (items x d per target).
@@ -32,24 +33,43 @@ from recsys.models.sasrec import SASRec
 
 
 class StepTimer(pl.Callback):
-    """Times training steps warmup..end; counts real and target tokens without syncing per step."""
+    """Times `steps` training steps after a warm-up; counts real and target tokens without syncing.
 
-    def __init__(self, warmup: int, target_positions):
-        self.warmup = warmup
-        self.target_positions = target_positions
+    The warm-up is `warmup_epochs` whole epochs plus `warmup` steps. Whole epochs matter on a GPU:
+    batches are trimmed to their longest sequence, and the first batch of each width pays for
+    cuBLAS (and, where it is used, cuDNN) planning that later batches of that width do not
+    (BENCHMARKS.md), so a few dozen steps at length 200 measure the planning, not training.
+    """
+
+    def __init__(self, warmup: int, warmup_epochs: int, steps: int):
+        self.warmup_steps = warmup
+        self.warmup_epochs = warmup_epochs
+        self.steps_wanted = steps
+        self.warmup = None
+        self.fit_started = None
         self.started = None
+        self.warmup_seconds = None
         self.steps = 0
-        self.inputs = self.targets = self.sequences = 0
+        self.inputs = self.sequences = 0
+
+    def on_train_start(self, trainer, module):
+        self.warmup = self.warmup_steps + self.warmup_epochs * trainer.num_training_batches
+        self.fit_started = time.perf_counter()
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if trainer.global_step == self.warmup and self.started is None:
             synchronize(module.device)
             reset_peak_memory(module.device)
             self.started = time.perf_counter()
+            self.warmup_seconds = self.started - self.fit_started
         if self.started is not None:
             self.steps += 1
             self.inputs += (batch["input_ids"] != 0).sum()
             self.sequences += batch["input_ids"].size(0)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if self.steps >= self.steps_wanted:
+            trainer.should_stop = True
 
     def on_train_end(self, trainer, module):
         synchronize(module.device)
@@ -84,7 +104,10 @@ def main() -> None:
     parser.add_argument("--item-chunk-size", type=int, default=None)
     parser.add_argument("--fused", action="store_true", help="the Triton loss kernels (loss.fused=true)")
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--warmup", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=15, help="warm-up steps (after --warmup-epochs)")
+    parser.add_argument(
+        "--warmup-epochs", type=int, default=0, help="whole epochs of warm-up: every batch width seen once"
+    )
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--profile", default=None, help="folder for a torch.profiler table of the run")
     args = parser.parse_args()
@@ -120,12 +143,12 @@ def main() -> None:
         loss=loss,
     )
     masked_share = model.mask_prob if args.model == "bert4rec" else 1.0
-    timer = StepTimer(args.warmup, masked_share)
+    timer = StepTimer(args.warmup, args.warmup_epochs, args.steps)
     trainer = pl.Trainer(
         accelerator=args.accelerator,
         devices=1,
         precision=check_precision(args.precision, args.accelerator),
-        max_steps=args.warmup + args.steps,
+        max_epochs=-1,  # StepTimer stops the run after its steps
         limit_val_batches=0,
         logger=False,
         enable_checkpointing=False,
@@ -159,6 +182,7 @@ def main() -> None:
         step_ms=round(1000 * timer.seconds / timer.steps, 2),
         model_tflops_per_second=round(achieved / 1e12, 2),
         mfu_vs_bf16_peak=None if peak is None else round(achieved / peak, 4),
+        warmup_seconds=round(timer.warmup_seconds, 1),
         total_seconds=round(total, 1),
         **peak_memory(device),
     )

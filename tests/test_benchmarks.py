@@ -68,6 +68,8 @@ ROOT = Path(__file__).resolve().parents[1]
                 "2",
                 "--warmup",
                 "1",
+                "--warmup-epochs",
+                "1",
                 "--precision",
                 "32-true",
             ],
