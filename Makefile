@@ -12,7 +12,7 @@ TRITON_CPU := triton==3.8.0
 
 .PHONY: setup train test lint bench clean-cache
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_CPU) $(TRITON_CPU)
