@@ -229,26 +229,28 @@ class FusedCrossEntropy(torch.autograd.Function):
         item_blocks = triton.cdiv(num_items, block_items)
         scale = grad_output.float() / num_tokens
 
-        item_ranges, blocks_per_range = _ranges(item_blocks, token_blocks, wanted)
-        partial_h = torch.empty(item_ranges, num_tokens, dim, device=h.device, dtype=torch.float32)
-        _softmax_times_items_kernel[(token_blocks, item_ranges)](
-            h, w, logsumexp, partial_h, num_tokens, num_items, dim, blocks_per_range * block_items,
-            BLOCK_T=block_tokens, BLOCK_I=block_items, BLOCK_D=block_dim, num_warps=NUM_WARPS,
-        )  # fmt: skip
-        grad_h = partial_h.sum(dim=0) if item_ranges > 1 else partial_h[0]
-        grad_h = (grad_h - w[targets].float()) * scale
-
-        token_ranges, blocks_per_range = _ranges(token_blocks, item_blocks, wanted)
-        partial_w = torch.empty(token_ranges, num_items, dim, device=h.device, dtype=torch.float32)
-        _softmax_times_tokens_kernel[(item_blocks, token_ranges)](
-            h, w, logsumexp, partial_w, num_tokens, num_items, dim, blocks_per_range * block_tokens,
-            BLOCK_T=block_tokens, BLOCK_I=block_items, BLOCK_D=block_dim, num_warps=NUM_WARPS,
-        )  # fmt: skip
-        grad_w = partial_w.sum(dim=0) if token_ranges > 1 else partial_w[0]
-        grad_w.index_add_(0, targets, h.float(), alpha=-1.0)
-        grad_w.mul_(scale)
+        grad_h = grad_w = None
         hidden_dtype, weight_dtype = ctx.dtypes
-        return grad_h.to(hidden_dtype), grad_w.to(weight_dtype), None, None, None
+        if ctx.needs_input_grad[0]:
+            item_ranges, blocks_per_range = _ranges(item_blocks, token_blocks, wanted)
+            partial_h = torch.empty(item_ranges, num_tokens, dim, device=h.device, dtype=torch.float32)
+            _softmax_times_items_kernel[(token_blocks, item_ranges)](
+                h, w, logsumexp, partial_h, num_tokens, num_items, dim, blocks_per_range * block_items,
+                BLOCK_T=block_tokens, BLOCK_I=block_items, BLOCK_D=block_dim, num_warps=NUM_WARPS,
+            )  # fmt: skip
+            grad_h = partial_h.sum(dim=0) if item_ranges > 1 else partial_h[0]
+            grad_h = ((grad_h - w[targets].float()) * scale).to(hidden_dtype)
+        if ctx.needs_input_grad[1]:  # not for a frozen item table
+            token_ranges, blocks_per_range = _ranges(token_blocks, item_blocks, wanted)
+            partial_w = torch.empty(token_ranges, num_items, dim, device=h.device, dtype=torch.float32)
+            _softmax_times_tokens_kernel[(item_blocks, token_ranges)](
+                h, w, logsumexp, partial_w, num_tokens, num_items, dim, blocks_per_range * block_tokens,
+                BLOCK_T=block_tokens, BLOCK_I=block_items, BLOCK_D=block_dim, num_warps=NUM_WARPS,
+            )  # fmt: skip
+            grad_w = partial_w.sum(dim=0) if token_ranges > 1 else partial_w[0]
+            grad_w.index_add_(0, targets, h.float(), alpha=-1.0)
+            grad_w = grad_w.mul_(scale).to(weight_dtype)
+        return grad_h, grad_w, None, None, None
 
 
 def fused_cross_entropy(

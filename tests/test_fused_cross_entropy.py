@@ -43,6 +43,13 @@ for tokens, items, dim, block_tokens, block_items in json.loads(sys.argv[1]):
         "value": abs(value.item() - reference.item()) / reference.item(),
         "grads": [float((g.double() - w).norm() / w.norm()) for g, w in zip(grads, want)],
     })
+# A frozen item table: only d hidden is computed (the d weight kernel does not run).
+hidden = torch.randn(40, 24, requires_grad=True)
+weight = 0.5 * torch.randn(70, 24)
+targets = torch.randint(0, 70, (40,))
+(grad,) = torch.autograd.grad(fused_cross_entropy(hidden, weight, targets, 16, 16), (hidden,))
+(want,) = torch.autograd.grad(F.cross_entropy(hidden.double() @ weight.double().T, targets), (hidden,))
+report.append({"value": 0.0, "grads": [float((grad.double() - want).norm() / want.norm())]})
 print(json.dumps(report))
 """
 
@@ -71,7 +78,9 @@ def test_fused_kernels_equal_plain_cross_entropy_in_the_interpreter():
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    for shape, errors in zip(SHAPES, json.loads(done.stdout.strip().splitlines()[-1])):
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(report) == len(SHAPES) + 1
+    for shape, errors in zip(SHAPES + ["frozen item table"], report):
         assert errors["value"] < 1e-5, shape
         assert max(errors["grads"]) < 1e-5, (shape, errors["grads"])
 
