@@ -25,6 +25,7 @@ bf16), else float32 (TF32 products on a GPU); accumulation, softmax and gradient
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -56,12 +57,28 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 def _interpreted() -> bool:
     # TRITON_INTERPRET=1 runs the kernels on CPU tensors (numpy): the CPU tests use it.
-    import os
-
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 if triton is not None:
+
+    @triton.jit
+    def _load_rows(ptr, rows, row_ok, dims, dim):
+        """Rows `rows` of a row-major (n, dim) matrix, dims padded to the tile; 0 where not row_ok."""
+        return tl.load(
+            ptr + rows[:, None].to(tl.int64) * dim + dims[None, :],
+            mask=row_ok[:, None] & (dims[None, :] < dim),
+            other=0.0,
+        )
+
+    @triton.jit
+    def _store_rows(ptr, rows, row_ok, dims, dim, values):
+        """Write the tile `values` to rows `rows` of a row-major (n, dim) matrix, where row_ok."""
+        tl.store(
+            ptr + rows[:, None].to(tl.int64) * dim + dims[None, :],
+            values,
+            mask=row_ok[:, None] & (dims[None, :] < dim),
+        )
 
     @triton.jit
     def _partial_logsumexp_kernel(
@@ -72,11 +89,7 @@ if triton is not None:
         tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         item_range = tl.program_id(1)
         dims = tl.arange(0, BLOCK_D)
-        h = tl.load(
-            h_ptr + tokens[:, None].to(tl.int64) * dim + dims[None, :],
-            mask=(tokens[:, None] < num_tokens) & (dims[None, :] < dim),
-            other=0.0,
-        )
+        h = _load_rows(h_ptr, tokens, tokens < num_tokens, dims, dim)
         first = item_range * items_per_range
         last = tl.minimum(first + items_per_range, num_items)
         peak = tl.full([BLOCK_T], float("-inf"), tl.float32)
@@ -84,11 +97,7 @@ if triton is not None:
         # Counted from 0: the last range may run past `last`, and those items are masked.
         for block in range(0, items_per_range // BLOCK_I):
             items = first + block * BLOCK_I + tl.arange(0, BLOCK_I)
-            w = tl.load(
-                w_ptr + items[:, None].to(tl.int64) * dim + dims[None, :],
-                mask=(items[:, None] < last) & (dims[None, :] < dim),
-                other=0.0,
-            )
+            w = _load_rows(w_ptr, items, items < last, dims, dim)
             logits = tl.dot(h, tl.trans(w))
             logits = tl.where(items[None, :] < last, logits, float("-inf"))
             new_peak = tl.maximum(peak, tl.max(logits, axis=1))
@@ -106,11 +115,7 @@ if triton is not None:
         item_range = tl.program_id(1)
         dims = tl.arange(0, BLOCK_D)
         token_ok = tokens < num_tokens
-        h = tl.load(
-            h_ptr + tokens[:, None].to(tl.int64) * dim + dims[None, :],
-            mask=token_ok[:, None] & (dims[None, :] < dim),
-            other=0.0,
-        )
+        h = _load_rows(h_ptr, tokens, token_ok, dims, dim)
         lse = tl.load(lse_ptr + tokens, mask=token_ok, other=0.0)
         first = item_range * items_per_range
         last = tl.minimum(first + items_per_range, num_items)
@@ -118,20 +123,11 @@ if triton is not None:
         # Counted from 0: the last range may run past `last`, and those items are masked.
         for block in range(0, items_per_range // BLOCK_I):
             items = first + block * BLOCK_I + tl.arange(0, BLOCK_I)
-            w = tl.load(
-                w_ptr + items[:, None].to(tl.int64) * dim + dims[None, :],
-                mask=(items[:, None] < last) & (dims[None, :] < dim),
-                other=0.0,
-            )
+            w = _load_rows(w_ptr, items, items < last, dims, dim)
             probs = tl.exp(tl.dot(h, tl.trans(w)) - lse[:, None])
             probs = tl.where(items[None, :] < last, probs, 0.0)
             acc += tl.dot(probs.to(w.dtype), w)
-        rows = item_range.to(tl.int64) * num_tokens + tokens
-        tl.store(
-            out_ptr + rows[:, None].to(tl.int64) * dim + dims[None, :],
-            acc,
-            mask=token_ok[:, None] & (dims[None, :] < dim),
-        )
+        _store_rows(out_ptr, item_range.to(tl.int64) * num_tokens + tokens, token_ok, dims, dim, acc)
 
     @triton.jit
     def _softmax_times_tokens_kernel(
@@ -143,31 +139,18 @@ if triton is not None:
         token_range = tl.program_id(1)
         dims = tl.arange(0, BLOCK_D)
         item_ok = items < num_items
-        w = tl.load(
-            w_ptr + items[:, None].to(tl.int64) * dim + dims[None, :],
-            mask=item_ok[:, None] & (dims[None, :] < dim),
-            other=0.0,
-        )
+        w = _load_rows(w_ptr, items, item_ok, dims, dim)
         first = token_range * tokens_per_range
         last = tl.minimum(first + tokens_per_range, num_tokens)
         acc = tl.zeros([BLOCK_I, BLOCK_D], tl.float32)
         for block in range(0, tokens_per_range // BLOCK_T):
             tokens = first + block * BLOCK_T + tl.arange(0, BLOCK_T)
-            h = tl.load(
-                h_ptr + tokens[:, None].to(tl.int64) * dim + dims[None, :],
-                mask=(tokens[:, None] < last) & (dims[None, :] < dim),
-                other=0.0,
-            )
+            h = _load_rows(h_ptr, tokens, tokens < last, dims, dim)
             # +inf for tokens past the range: their softmax weight is exp(-inf) = 0.
             lse = tl.load(lse_ptr + tokens, mask=tokens < last, other=float("inf"))
             probs = tl.exp(tl.dot(w, tl.trans(h)) - lse[None, :])
             acc += tl.dot(probs.to(h.dtype), h)
-        rows = token_range.to(tl.int64) * num_items + items
-        tl.store(
-            out_ptr + rows[:, None].to(tl.int64) * dim + dims[None, :],
-            acc,
-            mask=item_ok[:, None] & (dims[None, :] < dim),
-        )
+        _store_rows(out_ptr, token_range.to(tl.int64) * num_items + items, item_ok, dims, dim, acc)
 
 
 def _ranges(blocks: int, other_blocks: int, programs_wanted: int) -> tuple[int, int]:
