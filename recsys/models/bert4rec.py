@@ -57,6 +57,8 @@ class BERT4Rec(SequentialRecommender):
         mask_prob: float = 0.2,
         mask_last: bool = False,
         scale_embeddings: bool = True,
+        head_transform: bool = False,
+        item_bias: bool = False,
         num_event_types: int = 0,
         event_embedding: bool = False,
         time_gaps: bool = False,
@@ -92,11 +94,32 @@ class BERT4Rec(SequentialRecommender):
         self.num_event_types = num_event_types
         self._set_loss(loss if loss is not None else FullCrossEntropy())
         init_weights(self, init_std)
+        # BERT's masked-LM output head, which the original BERT4Rec kept: a dense layer, GELU and a
+        # LayerNorm between the last block and the item dot products, and a learned score offset
+        # per item (a popularity prior the dot products need not encode). Built and initialised
+        # after the rest, so that the rest starts from the same weights with the head or without.
+        self.head_transform = nn.Identity()
+        if head_transform:
+            self.head_transform = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim))
+            init_weights(self.head_transform, init_std)
+        self.item_bias = nn.Parameter(torch.zeros(num_items + 1)) if item_bias else None
 
     @property
     def catalogue_embeddings(self) -> torch.Tensor:
-        """Rows 0..num_items of the embedding table: padding and the items, not [MASK]."""
-        return self.item_embedding.weight[: self.num_items + 1]
+        """Rows 0..num_items of the embedding table: padding and the items, not [MASK]; with
+        `item_bias`, each row ends in its item's offset (the queries of `_head` end in a 1), so that
+        every loss and the chunked ranking score `h.e + b` as the plain dot product they compute."""
+        weights = self.item_embedding.weight[: self.num_items + 1]
+        if self.item_bias is None:
+            return weights
+        return torch.cat([weights, self.item_bias[:, None].to(weights.dtype)], dim=1)
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Query vectors (N, d or d + 1) from the last block's hidden states (N, d)."""
+        hidden = self.head_transform(hidden)
+        if self.item_bias is None:
+            return hidden
+        return torch.cat([hidden, hidden.new_ones(hidden.size(0), 1)], dim=1)
 
     def forward(
         self,
@@ -148,7 +171,7 @@ class BERT4Rec(SequentialRecommender):
             # A hidden position's time gap is unknown, as it is for the [MASK] at inference.
             gaps = torch.cat([batch["input_gaps"][:, :1], batch["target_gaps"]], dim=1).masked_fill(masked, 0)
         hidden = self(sequences.masked_fill(masked, self.mask_id), events, gaps)
-        loss = self.loss(hidden[masked], sequences[masked], self.catalogue_embeddings)
+        loss = self.loss(self._head(hidden[masked]), sequences[masked], self.catalogue_embeddings)
         self._log_train_loss(loss, int(masked.sum()))
         return loss
 
@@ -177,4 +200,4 @@ class BERT4Rec(SequentialRecommender):
         # The [MASK] asks for an event of the target's type; its time gap is unknown (bucket 0).
         events = append(events, target_event if target_event is not None else 0)
         gaps = append(gaps, 0)
-        return self(inputs, events, gaps)[rows, lengths]
+        return self._head(self(inputs, events, gaps)[rows, lengths])

@@ -71,6 +71,37 @@ def test_bert4rec_training_step_uses_every_window_item():
     assert model.item_embedding.weight.grad[1].abs().sum() > 0
 
 
+@pytest.mark.filterwarnings("ignore:You are trying to")
+def test_bert4rec_output_head_options():
+    torch.manual_seed(0)
+    plain = BERT4Rec(num_items=30, max_len=8, dim=16)
+    torch.manual_seed(0)
+    headed = BERT4Rec(num_items=30, max_len=8, dim=16, head_transform=True, item_bias=True)
+    # The head is built last: every weight the plain model has starts the same.
+    for name, value in plain.state_dict().items():
+        torch.testing.assert_close(headed.state_dict()[name], value)
+    headed.eval()
+    with torch.no_grad():
+        headed.item_bias.copy_(torch.linspace(-1.0, 1.0, 31))
+    history = right_padded([[1, 2, 3], [7]], 8)
+    # Scores are head(h) . e + b, through score() and through the chunked ranking alike.
+    h = headed.head_transform(headed(right_padded([[1, 2, 3, 31], [7, 31]], 8))[[0, 1], [3, 1]])
+    expected = h @ headed.item_embedding.weight[:31].T + headed.item_bias
+    torch.testing.assert_close(headed.score(history), expected)
+    target = torch.tensor([5, 9])
+    ranks, _ = headed._rank({"history": history, "target": target, "exclude": history}, None)[:2]
+    excluded = torch.zeros_like(expected, dtype=torch.bool).scatter_(1, history, True)
+    excluded[:, 0] = True
+    better = (expected > expected.gather(1, target[:, None])) & ~excluded
+    torch.testing.assert_close(ranks, better.sum(dim=1) + 1)
+    # Training reaches the head and the offsets.
+    headed.train()
+    batch = {"input_ids": right_padded([[1, 2, 3, 4]], 4), "target_ids": right_padded([[2, 3, 4, 9]], 4)}
+    headed.training_step(batch, 0).backward()
+    assert headed.item_bias.grad.abs().sum() > 0
+    assert headed.head_transform[0].weight.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("model_class", [SASRec, GRU4Rec])
 def test_causal_models_ignore_later_items_and_padding(model_class):
     torch.manual_seed(0)
