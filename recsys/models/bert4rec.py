@@ -57,6 +57,7 @@ class BERT4Rec(SequentialRecommender):
         mask_prob: float = 0.2,
         mask_last: bool = False,
         scale_embeddings: bool = True,
+        positions_from_end: bool = False,
         head_transform: bool = False,
         item_bias: bool = False,
         num_event_types: int = 0,
@@ -76,6 +77,7 @@ class BERT4Rec(SequentialRecommender):
         self.mask_prob = mask_prob
         self.mask_last = mask_last
         self.mask_id = num_items + 1
+        self.positions_from_end = positions_from_end
         # As in SASRec: item embeddings times sqrt(dim), so that with init std 0.02 item identity
         # outweighs the position signal in the sum.
         self.embedding_scale = dim**0.5 if scale_embeddings else 1.0
@@ -129,7 +131,13 @@ class BERT4Rec(SequentialRecommender):
     ) -> torch.Tensor:
         """Hidden states (B, L, dim) for right-padded ids (B, L) that may contain [MASK], L <= max_len + 1,
         and, for a model that reads them, the positions' event types and time-gap buckets (B, L)."""
-        positions = torch.arange(input_ids.size(1), device=input_ids.device)
+        positions = torch.arange(input_ids.size(1), device=input_ids.device).expand_as(input_ids)
+        if self.positions_from_end:
+            # Position 0 is the last real (or [MASK]) position of each row: the [MASK] appended at
+            # inference and the last item of a training window, which mask_last always hides, then
+            # share one position embedding, whatever the history's length.
+            lengths = (input_ids != 0).sum(dim=1, keepdim=True)
+            positions = (lengths - 1 - positions).clamp(min=0)
         x = self.item_embedding(input_ids) * self.embedding_scale + self.position_embedding(positions)
         x = self.embedding_dropout(self.embedding_norm(x + self.behaviour(events, gaps)))
         real = input_ids != 0

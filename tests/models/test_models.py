@@ -102,6 +102,24 @@ def test_bert4rec_output_head_options():
     assert headed.head_transform[0].weight.grad.abs().sum() > 0
 
 
+def test_bert4rec_positions_from_end():
+    # Without blocks, the [MASK]'s vector is its embedding plus its position's: counted from the
+    # end, that position is the same for every history length; counted from the start, it is not.
+    short, long = right_padded([[1, 2, 3]], 8), right_padded([[4, 5, 6, 1, 2, 3]], 8)
+    for from_end in (True, False):
+        torch.manual_seed(0)
+        model = BERT4Rec(num_items=30, max_len=8, dim=16, num_blocks=0, positions_from_end=from_end).eval()
+        same = torch.allclose(model.user_vectors(short), model.user_vectors(long))
+        assert same == from_end
+    # Training windows count the same way: the last item is at position 0.
+    torch.manual_seed(0)
+    model = BERT4Rec(num_items=30, max_len=8, dim=16, num_blocks=0, positions_from_end=True).eval()
+    mask = model.mask_id
+    torch.testing.assert_close(
+        model(right_padded([[7, mask]], 4))[0, 1], model(right_padded([[1, 2, mask]], 4))[0, 2]
+    )
+
+
 @pytest.mark.parametrize("model_class", [SASRec, GRU4Rec])
 def test_causal_models_ignore_later_items_and_padding(model_class):
     torch.manual_seed(0)
