@@ -124,6 +124,16 @@ def chunked_ranking(
     return ranks, items
 
 
+def _exact_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot products (n,) of a, b (n, d) in float64, summed in one fixed order for every
+    row (float32 products are exact in float64): equal pairs of rows give bit-equal results."""
+    products = a.double() * b.double()
+    total = products[:, 0].clone()
+    for j in range(1, products.size(1)):
+        total += products[:, j]
+    return total
+
+
 def _chunked_pass(queries, item_vectors, target, exclude, k, chunk_size):
     """(ranks or None, top-k scores or None, top-k items or None): see `chunked_ranking`."""
     with torch.autocast(device_type=queries.device.type, enabled=False):
@@ -132,6 +142,15 @@ def _chunked_pass(queries, item_vectors, target, exclude, k, chunk_size):
         rows = torch.arange(batch, device=queries.device)
         # Without targets, one dummy target column keeps the code below in one shape.
         target_vectors = item_vectors[target if target is not None else torch.zeros_like(rows)]
+        if target is not None:
+            # Two float32 products of the same vectors can differ by rounding: a BLAS sums a
+            # column in an order that depends on its place in the matrix. Scores that close to the
+            # target's (within twice the float32 error bound of a d-term dot product) are compared
+            # again from `_exact_dot`, which computes every pair the same way: an item with the
+            # target's very vector then ties with it exactly, and is counted above (pessimistic).
+            exact_target = _exact_dot(queries, target_vectors)
+            bound = queries.norm(dim=1) * item_vectors.norm(dim=1).max()
+            tolerance = queries.size(1) * 2.0**-23 * bound
         above = torch.zeros(batch, dtype=torch.long, device=queries.device)
         k = None if k is None else min(k, width - 1)
         best_scores = best_items = None
@@ -139,9 +158,6 @@ def _chunked_pass(queries, item_vectors, target, exclude, k, chunk_size):
         for begin in range(0, width, chunk_size):
             end = min(begin + chunk_size, width)
             size = end - begin
-            # The targets' scores come out of the same matrix product as the chunk's: an item with
-            # the target's very vector then scores bit for bit the same (a tie, counted above),
-            # which separate products need not give (their summation order can differ).
             both = queries @ torch.cat([item_vectors[begin:end], target_vectors]).T
             target_score = both[:, size:].diagonal().clone()
             if broken is None:
@@ -156,11 +172,17 @@ def _chunked_pass(queries, item_vectors, target, exclude, k, chunk_size):
                 scores[:, 0] = -torch.inf  # padding
             # NaN < t is False, so NaN scores (and every item, if t is NaN) count as above.
             if target is not None:
-                higher = size - (scores < target_score[:, None]).sum(dim=1)
+                below = scores < target_score[:, None]
+                near_rows, near_items = (
+                    (scores - target_score[:, None]).abs() <= tolerance[:, None]
+                ).nonzero(as_tuple=True)
+                if near_rows.numel():
+                    exact = _exact_dot(queries[near_rows], item_vectors[begin + near_items])
+                    below[near_rows, near_items] = exact < exact_target[near_rows]
                 # The target is not above itself: it is the "1 +" below.
                 is_target = (target >= begin) & (target < end)
-                at_target = scores[rows, (target - begin).clamp(0, size - 1)]
-                above += higher - (is_target & ~(at_target < target_score)).long()
+                at_target_below = below[rows, (target - begin).clamp(0, size - 1)]
+                above += size - below.sum(dim=1) - (is_target & ~at_target_below).long()
             if k is not None:
                 top = scores.topk(min(k, size), dim=1)
                 items = top.indices + begin

@@ -214,7 +214,10 @@ def test_chunked_ranking_equals_full_ranking(chunk_size):
     target[0] = 7
     exclude = torch.randint(0, 51, (9, 12), generator=generator)
     exclude[1, 0] = target[1]  # a seen target stays a candidate
-    scores = queries @ items.T
+    # The reference scores from one elementwise product: items 7 and 8 score exactly the same.
+    # (A matrix product need not give them equal scores: its rounding depends on the column.)
+    scores = (queries[:, None, :].double() * items[None, :, :].double()).sum(dim=-1).float()
+    assert torch.equal(scores[:, 7], scores[:, 8])
     ranks, top = chunked_ranking(queries, items, target, exclude, 10, chunk_size)
     assert torch.equal(ranks, target_ranks(scores, target, exclude))
     # The same items; tied ones (7 and 8) may come in either order.
