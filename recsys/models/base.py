@@ -69,6 +69,17 @@ def target_positions(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return has_target
 
 
+def position_ids(input_ids: torch.Tensor, from_end: bool) -> torch.Tensor:
+    """(B, L) position of each column of right-padded `input_ids`: 0 at the first column, or, with
+    `from_end`, 0 at each row's last real (non-padding) column, counting up towards the start
+    (padding columns get 0; their outputs are never used)."""
+    positions = torch.arange(input_ids.size(1), device=input_ids.device).expand_as(input_ids)
+    if not from_end:
+        return positions
+    lengths = (input_ids != 0).sum(dim=1, keepdim=True)
+    return (lengths - 1 - positions).clamp(min=0)
+
+
 def last_real_position(hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """hidden (B, L, d) at each right-padded row's last real item: (B, d)."""
     last = (input_ids != 0).sum(dim=1).clamp(min=1) - 1

@@ -27,7 +27,7 @@ from torch import nn
 from recsys.errors import UserInputError
 from recsys.losses import FullCrossEntropy
 from recsys.metrics import DEFAULT_KS
-from recsys.models.base import SequentialRecommender
+from recsys.models.base import SequentialRecommender, position_ids
 from recsys.models.events import BehaviourEmbedding, keep_last_positions
 from recsys.models.transformer import TransformerBlock, init_weights
 
@@ -131,13 +131,10 @@ class BERT4Rec(SequentialRecommender):
     ) -> torch.Tensor:
         """Hidden states (B, L, dim) for right-padded ids (B, L) that may contain [MASK], L <= max_len + 1,
         and, for a model that reads them, the positions' event types and time-gap buckets (B, L)."""
-        positions = torch.arange(input_ids.size(1), device=input_ids.device).expand_as(input_ids)
-        if self.positions_from_end:
-            # Position 0 is the last real (or [MASK]) position of each row: the [MASK] appended at
-            # inference and the last item of a training window, which mask_last always hides, then
-            # share one position embedding, whatever the history's length.
-            lengths = (input_ids != 0).sum(dim=1, keepdim=True)
-            positions = (lengths - 1 - positions).clamp(min=0)
+        # From the end, position 0 is each row's last real (or [MASK]) position: the [MASK] appended
+        # at inference and the last item of a training window, which mask_last always hides, then
+        # share one position embedding, whatever the history's length.
+        positions = position_ids(input_ids, self.positions_from_end)
         x = self.item_embedding(input_ids) * self.embedding_scale + self.position_embedding(positions)
         x = self.embedding_dropout(self.embedding_norm(x + self.behaviour(events, gaps)))
         real = input_ids != 0

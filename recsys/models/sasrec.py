@@ -19,7 +19,7 @@ from torch import nn
 
 from recsys.losses import FullCrossEntropy
 from recsys.metrics import DEFAULT_KS
-from recsys.models.base import SequentialRecommender, last_real_position, target_positions
+from recsys.models.base import SequentialRecommender, last_real_position, position_ids, target_positions
 from recsys.models.events import BehaviourEmbedding, keep_last_positions
 from recsys.models.transformer import TransformerBlock, init_weights
 
@@ -77,12 +77,9 @@ class SASRec(SequentialRecommender):
     ) -> torch.Tensor:
         """Hidden states (B, L, dim) for right-padded item ids (B, L), L <= max_len, and, for a
         model that reads them, the positions' event types and time-gap buckets (B, L)."""
-        positions = torch.arange(input_ids.size(1), device=input_ids.device).expand_as(input_ids)
-        if self.positions_from_end:
-            # Position 0 is the most recent item, as in the original left-padded SASRec: the item
-            # the next one is predicted from always has the same position embedding.
-            lengths = (input_ids != 0).sum(dim=1, keepdim=True)
-            positions = (lengths - 1 - positions).clamp(min=0)
+        # From the end, position 0 is the most recent item, as in the original left-padded SASRec:
+        # the item the next one is predicted from always has the same position embedding.
+        positions = position_ids(input_ids, self.positions_from_end)
         x = self.item_embedding(input_ids) * self.embedding_scale + self.position_embedding(positions)
         x = self.embedding_dropout(x + self.behaviour(events, gaps))
         for block in self.blocks:
