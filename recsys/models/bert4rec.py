@@ -41,9 +41,6 @@ class BERT4Rec(SequentialRecommender):
             raise UserInputError(
                 f"model.mask_prob: the masking probability must lie in (0, 1), got {mask_prob}"
             )
-        crop_prob = options.get("crop_prob", 0.0)
-        if not 0.0 <= crop_prob <= 1.0:
-            raise UserInputError(f"model.crop_prob: a probability must lie in [0, 1], got {crop_prob}")
 
     def __init__(
         self,
@@ -59,7 +56,6 @@ class BERT4Rec(SequentialRecommender):
         init_std: float = 0.02,
         mask_prob: float = 0.2,
         mask_last: bool = False,
-        crop_prob: float = 0.0,
         scale_embeddings: bool = True,
         positions_from_end: bool = False,
         head_transform: bool = False,
@@ -75,12 +71,11 @@ class BERT4Rec(SequentialRecommender):
         ks: Sequence[int] = DEFAULT_KS,
     ):
         super().__init__(num_items, optimizer, scheduler, scheduler_interval, data_fingerprint, ks)
-        self.check_options({"mask_prob": mask_prob, "crop_prob": crop_prob}, loss if loss is not None else FullCrossEntropy())
+        self.check_options({"mask_prob": mask_prob}, loss if loss is not None else FullCrossEntropy())
         self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler"])
         self.max_len = max_len
         self.mask_prob = mask_prob
         self.mask_last = mask_last
-        self.crop_prob = crop_prob
         self.mask_id = num_items + 1
         self.positions_from_end = positions_from_end
         # As in SASRec: item embeddings times sqrt(dim), so that with init std 0.02 item identity
@@ -166,30 +161,10 @@ class BERT4Rec(SequentialRecommender):
             masked[rows[nothing], last[nothing]] = True
         return masked
 
-    def random_prefixes(self, sequences: torch.Tensor) -> torch.Tensor:
-        """A boolean (B, L) keeping each right-padded row whole, or with probability crop_prob only
-        its first m items, m drawn uniformly from 2 to the row's length.
-
-        Why: at inference the model fills a [MASK] after the *last* item, but a whole window has
-        only one last item, so mask_last teaches that task at one point per user, where SASRec's
-        causal loss teaches it at every position. Cut windows end anywhere in the history (the
-        crop augmentation of sequence-recommendation papers), so over the epochs every prefix is
-        asked for its next item, and cloze masking still works inside each prefix."""
-        real = sequences != 0
-        lengths = real.sum(dim=1)
-        cut = torch.rand(lengths.shape, device=sequences.device) < self.crop_prob
-        # uniform on {2, ..., length}; rows of one or two items stay whole
-        drawn = 2 + (torch.rand(lengths.shape, device=sequences.device) * (lengths - 1).clamp(min=1)).long()
-        keep_length = torch.where(cut & (lengths > 2), drawn.clamp(max=lengths), lengths)
-        return torch.arange(sequences.size(1), device=sequences.device)[None, :] < keep_length[:, None]
-
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         # The datamodule's window is input_ids[0] followed by target_ids: up to max_len + 1 items,
         # the length a history plus the appended [MASK] has at inference.
         sequences = torch.cat([batch["input_ids"][:, :1], batch["target_ids"]], dim=1)
-        kept = self.random_prefixes(sequences) if self.crop_prob > 0 else None
-        if kept is not None:
-            sequences = sequences.masked_fill(~kept, 0)
         maskable = None
         if "target_mask" in batch:  # only events of the target types are predicted
             first = batch["target_mask"].new_zeros(sequences.size(0), 1)
@@ -200,8 +175,6 @@ class BERT4Rec(SequentialRecommender):
             events = torch.cat([batch["input_events"][:, :1], batch["target_events"]], dim=1)
             # A hidden position's time gap is unknown, as it is for the [MASK] at inference.
             gaps = torch.cat([batch["input_gaps"][:, :1], batch["target_gaps"]], dim=1).masked_fill(masked, 0)
-            if kept is not None:
-                events, gaps = events.masked_fill(~kept, 0), gaps.masked_fill(~kept, 0)
         hidden = self(sequences.masked_fill(masked, self.mask_id), events, gaps)
         loss = self.loss(self._head(hidden[masked]), sequences[masked], self.catalogue_embeddings)
         self._log_train_loss(loss, int(masked.sum()))

@@ -40,51 +40,6 @@ def test_mask_last_always_hides_the_last_item():
     assert masked[0, 2] and masked[1, 5] and masked[2, 0]
 
 
-def test_random_prefixes_cut_windows_uniformly_and_keep_short_ones_whole():
-    torch.manual_seed(0)
-    model = BERT4Rec(num_items=30, max_len=10, dim=16, crop_prob=1.0)
-    sequences = right_padded([[1, 2, 3, 4, 5, 6], [7, 8], [9]] * 3000, 10)
-    kept = model.random_prefixes(sequences)
-    assert (kept <= (sequences != 0)).all()  # never keeps padding
-    lengths = kept.sum(dim=1)
-    # each kept part is a prefix: no gap before the cut
-    assert (kept == (torch.arange(10)[None, :] < lengths[:, None])).all()
-    assert (lengths[1::3] == 2).all() and (lengths[2::3] == 1).all()  # too short to cut
-    counts = torch.bincount(lengths[0::3], minlength=7)[2:7].float()
-    torch.testing.assert_close(counts / counts.sum(), torch.full((5,), 0.2), atol=0.02, rtol=0)
-    model.crop_prob = 0.25
-    cut = model.random_prefixes(sequences)[0::3].sum(dim=1) < 6
-    # a quarter are cut, and a fifth of those are cut at the full length
-    assert cut.float().mean().item() == pytest.approx(0.25 * 0.8, abs=0.02)
-    with pytest.raises(UserInputError, match="model.crop_prob"):
-        BERT4Rec.check_options({"crop_prob": 1.5}, FullCrossEntropy())
-
-
-@pytest.mark.filterwarnings("ignore:You are trying to")
-def test_bert4rec_training_with_crops_predicts_only_kept_items():
-    torch.manual_seed(0)
-    model = BERT4Rec(num_items=30, max_len=4, dim=16, mask_prob=0.5, mask_last=True, crop_prob=1.0)
-    seen = []
-
-    class RecordTargets(torch.nn.Module):
-        def forward(self, queries, targets, items):
-            seen.append(targets)
-            return queries.sum() * 0
-
-    model.loss = RecordTargets()
-    batch = {
-        "input_ids": right_padded([[1, 2, 3, 4]] * 200, 4),
-        "target_ids": right_padded([[2, 3, 4, 5]] * 200, 4),
-    }
-    model.training_step(batch, 0)
-    targets = torch.cat(seen)
-    # Item 5, the window's last, is hidden only when the window is whole (1 in 4 cuts);
-    # with mask_last each cut's new last item is hidden, so items 2-4 are asked for too.
-    share = (targets == 5).sum().item() / 200
-    assert share == pytest.approx(0.25, abs=0.1)
-    assert all((targets == item).any() for item in (2, 3, 4))
-
-
 def test_bert4rec_is_bidirectional_and_scores_the_appended_mask():
     torch.manual_seed(0)
     model = BERT4Rec(num_items=30, max_len=8, dim=16).eval()
