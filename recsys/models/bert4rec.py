@@ -69,8 +69,11 @@ class BERT4Rec(SequentialRecommender):
         scheduler_interval: str = "epoch",
         data_fingerprint: str = "",
         ks: Sequence[int] = DEFAULT_KS,
+        weight_batches_by_targets: bool = True,
     ):
-        super().__init__(num_items, optimizer, scheduler, scheduler_interval, data_fingerprint, ks)
+        super().__init__(
+            num_items, optimizer, scheduler, scheduler_interval, data_fingerprint, ks, weight_batches_by_targets
+        )
         self.check_options({"mask_prob": mask_prob}, loss if loss is not None else FullCrossEntropy())
         self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler"])
         self.max_len = max_len
@@ -177,8 +180,7 @@ class BERT4Rec(SequentialRecommender):
             gaps = torch.cat([batch["input_gaps"][:, :1], batch["target_gaps"]], dim=1).masked_fill(masked, 0)
         hidden = self(sequences.masked_fill(masked, self.mask_id), events, gaps)
         loss = self.loss(self._head(hidden[masked]), sequences[masked], self.catalogue_embeddings)
-        self._log_train_loss(loss, int(masked.sum()))
-        return loss
+        return self._training_loss(loss, int(masked.sum()))
 
     def item_vectors(self) -> torch.Tensor:
         return self.catalogue_embeddings

@@ -34,8 +34,11 @@ class GRU4Rec(SequentialRecommender):
         scheduler_interval: str = "epoch",
         data_fingerprint: str = "",
         ks: Sequence[int] = DEFAULT_KS,
+        weight_batches_by_targets: bool = True,
     ):
-        super().__init__(num_items, optimizer, scheduler, scheduler_interval, data_fingerprint, ks)
+        super().__init__(
+            num_items, optimizer, scheduler, scheduler_interval, data_fingerprint, ks, weight_batches_by_targets
+        )
         self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler"])
         self.max_len = max_len
         hidden_dim = hidden_dim or dim
@@ -62,8 +65,7 @@ class GRU4Rec(SequentialRecommender):
         hidden = self(batch["input_ids"])
         has_target = target_positions(batch)
         loss = self.loss(hidden[has_target], batch["target_ids"][has_target], self.item_embedding.weight)
-        self._log_train_loss(loss, int(has_target.sum()))
-        return loss
+        return self._training_loss(loss, int(has_target.sum()))
 
     def user_vectors(self, history: torch.Tensor) -> torch.Tensor:
         history = keep_last_items(history, self.max_len)

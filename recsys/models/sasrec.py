@@ -48,8 +48,11 @@ class SASRec(SequentialRecommender):
         scheduler_interval: str = "epoch",
         data_fingerprint: str = "",
         ks: Sequence[int] = DEFAULT_KS,
+        weight_batches_by_targets: bool = True,
     ):
-        super().__init__(num_items, optimizer, scheduler, scheduler_interval, data_fingerprint, ks)
+        super().__init__(
+            num_items, optimizer, scheduler, scheduler_interval, data_fingerprint, ks, weight_batches_by_targets
+        )
         self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler"])
         self.max_len = max_len
         self.positions_from_end = positions_from_end
@@ -90,8 +93,7 @@ class SASRec(SequentialRecommender):
         hidden = self(batch["input_ids"], batch.get("input_events"), batch.get("input_gaps"))
         has_target = target_positions(batch)  # loss only where there is a next item (of a target type)
         loss = self.loss(hidden[has_target], batch["target_ids"][has_target], self.item_embedding.weight)
-        self._log_train_loss(loss, int(has_target.sum()))
-        return loss
+        return self._training_loss(loss, int(has_target.sum()))
 
     def user_vectors(
         self,

@@ -57,6 +57,24 @@ def test_bert4rec_is_bidirectional_and_scores_the_appended_mask():
 
 
 @pytest.mark.filterwarnings("ignore:You are trying to")
+@pytest.mark.parametrize("model_class", [SASRec, GRU4Rec])
+def test_batches_weigh_by_their_target_count(model_class):
+    short = {"input_ids": right_padded([[1], [3]], 1), "target_ids": right_padded([[2], [4]], 1)}
+    long = {
+        "input_ids": right_padded([list(range(1, 8)), list(range(8, 15))], 7),
+        "target_ids": right_padded([list(range(2, 9)), list(range(9, 16))], 7),
+    }
+    losses = {}
+    for weighted in (True, False):
+        torch.manual_seed(0)
+        model = model_class(num_items=20, max_len=8, dim=8, dropout=0.0, weight_batches_by_targets=weighted)
+        losses[weighted] = [model.training_step(short, 0), model.training_step(long, 1)]
+    # 2 then 14 targets: the first batch is its own mean; the second weighs 14 / mean(2, 14).
+    torch.testing.assert_close(losses[True][0], losses[False][0])
+    torch.testing.assert_close(losses[True][1], losses[False][1] * 14 / 8)
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to")
 def test_bert4rec_training_step_uses_every_window_item():
     torch.manual_seed(0)
     model = BERT4Rec(num_items=30, max_len=4, dim=16, mask_prob=0.5)
