@@ -4,7 +4,10 @@ Training batches hold right-padded item sequences (padding id 0 at the end) trim
 sequence in the batch: with right padding a causal model needs no attention mask at all (real tokens
 only ever look left, at real tokens), which lets SDPA pick its flash kernel on a GPU. Users of similar
 length are batched together so that little of each batch is padding; the Amazon sets are mostly
-padding at max length 50 (median history 6).
+padding at max length 50 (median history 6). Such batches hold from a few hundred to thousands of
+target positions; the models weigh each batch's loss by its target count
+(`SequentialRecommender._training_loss`), so that grouping by length does not change the weight
+each target gets.
 
 Batches are built by fancy indexing into the CSR arrays, one whole batch per `__getitem__` call: no
 per-user Python loop.

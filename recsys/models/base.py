@@ -241,6 +241,13 @@ class SequentialRecommender(pl.LightningModule):
             )
             checkpoint["train_item_counts"] = torch.as_tensor(self.catalogue["train_item_counts"])
         checkpoint["num_event_types"] = int(getattr(self, "num_event_types", 0))
+        # So that a resumed run weighs its batches exactly as the uninterrupted run would have.
+        checkpoint["targets_seen"] = self._targets_seen
+        checkpoint["batches_seen"] = self._batches_seen
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._targets_seen = int(checkpoint.get("targets_seen", 0))
+        self._batches_seen = int(checkpoint.get("batches_seen", 0))
 
     # --- evaluation ------------------------------------------------------------------------------
 
