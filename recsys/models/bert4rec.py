@@ -72,7 +72,13 @@ class BERT4Rec(SequentialRecommender):
         weight_batches_by_targets: bool = True,
     ):
         super().__init__(
-            num_items, optimizer, scheduler, scheduler_interval, data_fingerprint, ks, weight_batches_by_targets
+            num_items,
+            optimizer,
+            scheduler,
+            scheduler_interval,
+            data_fingerprint,
+            ks,
+            weight_batches_by_targets,
         )
         self.check_options({"mask_prob": mask_prob}, loss if loss is not None else FullCrossEntropy())
         self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler"])

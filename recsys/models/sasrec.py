@@ -51,7 +51,13 @@ class SASRec(SequentialRecommender):
         weight_batches_by_targets: bool = True,
     ):
         super().__init__(
-            num_items, optimizer, scheduler, scheduler_interval, data_fingerprint, ks, weight_batches_by_targets
+            num_items,
+            optimizer,
+            scheduler,
+            scheduler_interval,
+            data_fingerprint,
+            ks,
+            weight_batches_by_targets,
         )
         self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler"])
         self.max_len = max_len
