@@ -41,6 +41,12 @@ class BERT4Rec(SequentialRecommender):
             raise UserInputError(
                 f"model.mask_prob: the masking probability must lie in (0, 1), got {mask_prob}"
             )
+        last_only_prob = options.get("last_only_prob", 0.0)
+        if not 0.0 <= last_only_prob <= 1.0:
+            raise UserInputError(
+                f"model.last_only_prob: the share of last-item-only windows must lie in [0, 1], "
+                f"got {last_only_prob}"
+            )
 
     def __init__(
         self,
@@ -56,6 +62,7 @@ class BERT4Rec(SequentialRecommender):
         init_std: float = 0.02,
         mask_prob: float = 0.2,
         mask_last: bool = False,
+        last_only_prob: float = 0.0,
         scale_embeddings: bool = True,
         positions_from_end: bool = False,
         head_transform: bool = False,
@@ -80,11 +87,15 @@ class BERT4Rec(SequentialRecommender):
             ks,
             weight_batches_by_targets,
         )
-        self.check_options({"mask_prob": mask_prob}, loss if loss is not None else FullCrossEntropy())
+        self.check_options(
+            {"mask_prob": mask_prob, "last_only_prob": last_only_prob},
+            loss if loss is not None else FullCrossEntropy(),
+        )
         self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler"])
         self.max_len = max_len
         self.mask_prob = mask_prob
         self.mask_last = mask_last
+        self.last_only_prob = last_only_prob
         self.mask_id = num_items + 1
         self.positions_from_end = positions_from_end
         # As in SASRec: item embeddings times sqrt(dim), so that with init std 0.02 item identity
@@ -154,7 +165,7 @@ class BERT4Rec(SequentialRecommender):
     def cloze_mask(self, sequences: torch.Tensor, maskable: torch.Tensor | None = None) -> torch.Tensor:
         """Which positions of right-padded `sequences` (B, L) to hide: each real item (of those
         `maskable`, if given) with probability mask_prob, the last one always if mask_last, and at
-        least one per row."""
+        least one per row; in a share last_only_prob of the rows, only the last one."""
         real = sequences != 0
         if maskable is not None:
             real = real & maskable
@@ -168,6 +179,13 @@ class BERT4Rec(SequentialRecommender):
             # A row with nothing hidden teaches nothing: hide its last item.
             nothing = ~masked.any(dim=1)
             masked[rows[nothing], last[nothing]] = True
+        if self.last_only_prob > 0:
+            # The exact task of inference: the next item after a context with nothing hidden.
+            # Cloze rows hide a share mask_prob of the context too, which the appended [MASK]
+            # never faces; on short histories that is a large part of what it conditions on.
+            only = torch.rand(sequences.size(0), device=sequences.device) < self.last_only_prob
+            masked[only] = False
+            masked[rows[only], last[only]] = real[rows[only], last[only]]
         return masked
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

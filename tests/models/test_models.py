@@ -40,6 +40,25 @@ def test_mask_last_always_hides_the_last_item():
     assert masked[0, 2] and masked[1, 5] and masked[2, 0]
 
 
+def test_last_only_rows_hide_only_their_last_item():
+    torch.manual_seed(0)
+    model = BERT4Rec(num_items=100, max_len=20, dim=16, mask_prob=0.5, mask_last=True, last_only_prob=0.3)
+    lengths = torch.randint(2, 21, (4000,))
+    sequences = right_padded([list(range(1, n + 1)) for n in lengths.tolist()], 20)
+    masked = model.cloze_mask(sequences)
+    rows = torch.arange(len(lengths))
+    assert masked[rows, lengths - 1].all()  # the last item, always
+    only = masked.sum(dim=1) == 1
+    # Cloze rows of 10+ items almost never hide one item only (0.5 ** 9), so single-hidden long
+    # rows are the last-only ones: their share is last_only_prob.
+    long = lengths >= 10
+    assert only[long].float().mean().item() == pytest.approx(0.3, abs=0.03)
+    # The others hide half of their context, as before.
+    cloze = long & ~only
+    context = (masked[cloze].sum() - cloze.sum()) / (lengths[cloze] - 1).sum()
+    assert context.item() == pytest.approx(0.5, abs=0.02)
+
+
 def test_bert4rec_is_bidirectional_and_scores_the_appended_mask():
     torch.manual_seed(0)
     model = BERT4Rec(num_items=30, max_len=8, dim=16).eval()
@@ -163,6 +182,8 @@ def test_bad_model_options_are_user_errors():
     for p in (0.0, 1.0, 1.5):
         with pytest.raises(UserInputError, match="model.mask_prob"):
             BERT4Rec.check_options({"mask_prob": p}, FullCrossEntropy())
+    with pytest.raises(UserInputError, match="model.last_only_prob"):
+        BERT4Rec.check_options({"mask_prob": 0.2, "last_only_prob": 1.5}, FullCrossEntropy())
     with pytest.raises(UserInputError, match="loss: SASRec is trained with a loss"):
         SASRec.check_options({}, None)
     with pytest.raises(UserInputError, match="loss.num_negatives"):
