@@ -69,6 +69,16 @@ def target_positions(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return has_target
 
 
+def flat_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Indices of the True entries of `mask` (B, L) into its flattened B * L positions, row by row.
+
+    Index (B, L, ...) tensors with them (`x.flatten(0, 1)[index]`) rather than with the mask: every
+    boolean indexing, and every count of the mask, waits for the device to say how many entries are
+    True (a device-to-host sync that drains a GPU's queue of kernels), where this waits once, and
+    the count is `len(index)`. Same rows in the same order as `x[mask]`."""
+    return mask.flatten().nonzero().squeeze(1)
+
+
 def position_ids(input_ids: torch.Tensor, from_end: bool) -> torch.Tensor:
     """(B, L) position of each column of right-padded `input_ids`: 0 at the first column, or, with
     `from_end`, 0 at each row's last real (non-padding) column, counting up towards the start

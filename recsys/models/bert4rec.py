@@ -27,7 +27,7 @@ from torch import nn
 from recsys.errors import UserInputError
 from recsys.losses import FullCrossEntropy
 from recsys.metrics import DEFAULT_KS
-from recsys.models.base import SequentialRecommender, position_ids
+from recsys.models.base import SequentialRecommender, flat_positions, position_ids
 from recsys.models.events import BehaviourEmbedding, keep_last_positions
 from recsys.models.transformer import TransformerBlock, init_weights
 
@@ -177,15 +177,16 @@ class BERT4Rec(SequentialRecommender):
             masked[rows, last] = True
         else:
             # A row with nothing hidden teaches nothing: hide its last item.
-            nothing = ~masked.any(dim=1)
-            masked[rows[nothing], last[nothing]] = True
+            # (Indexing with booleans would wait on the device for their count; `|=` does not.)
+            masked[rows, last] |= ~masked.any(dim=1)
         if self.last_only_prob > 0:
             # The exact task of inference: the next item after a context with nothing hidden.
             # Cloze rows hide a share mask_prob of the context too, which the appended [MASK]
             # never faces; on short histories that is a large part of what it conditions on.
             only = torch.rand(sequences.size(0), device=sequences.device) < self.last_only_prob
-            masked[only] = False
-            masked[rows[only], last[only]] = real[rows[only], last[only]]
+            last_hidden = torch.where(only, real[rows, last], masked[rows, last])
+            masked &= ~only[:, None]
+            masked[rows, last] = last_hidden
         return masked
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -203,8 +204,10 @@ class BERT4Rec(SequentialRecommender):
             # A hidden position's time gap is unknown, as it is for the [MASK] at inference.
             gaps = torch.cat([batch["input_gaps"][:, :1], batch["target_gaps"]], dim=1).masked_fill(masked, 0)
         hidden = self(sequences.masked_fill(masked, self.mask_id), events, gaps)
-        loss = self.loss(self._head(hidden[masked]), sequences[masked], self.catalogue_embeddings)
-        return self._training_loss(loss, int(masked.sum()))
+        index = flat_positions(masked)
+        hidden, targets = hidden.flatten(0, 1)[index], sequences.flatten()[index]
+        loss = self.loss(self._head(hidden), targets, self.catalogue_embeddings)
+        return self._training_loss(loss, len(index))
 
     def item_vectors(self) -> torch.Tensor:
         return self.catalogue_embeddings

@@ -15,7 +15,13 @@ from torch import nn
 
 from recsys.losses import FullCrossEntropy
 from recsys.metrics import DEFAULT_KS
-from recsys.models.base import SequentialRecommender, keep_last_items, last_real_position, target_positions
+from recsys.models.base import (
+    SequentialRecommender,
+    flat_positions,
+    keep_last_items,
+    last_real_position,
+    target_positions,
+)
 
 
 class GRU4Rec(SequentialRecommender):
@@ -69,9 +75,10 @@ class GRU4Rec(SequentialRecommender):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         hidden = self(batch["input_ids"])
-        has_target = target_positions(batch)
-        loss = self.loss(hidden[has_target], batch["target_ids"][has_target], self.item_embedding.weight)
-        return self._training_loss(loss, int(has_target.sum()))
+        index = flat_positions(target_positions(batch))
+        targets = batch["target_ids"].flatten()[index]
+        loss = self.loss(hidden.flatten(0, 1)[index], targets, self.item_embedding.weight)
+        return self._training_loss(loss, len(index))
 
     def user_vectors(self, history: torch.Tensor) -> torch.Tensor:
         history = keep_last_items(history, self.max_len)

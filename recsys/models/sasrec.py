@@ -19,7 +19,13 @@ from torch import nn
 
 from recsys.losses import FullCrossEntropy
 from recsys.metrics import DEFAULT_KS
-from recsys.models.base import SequentialRecommender, last_real_position, position_ids, target_positions
+from recsys.models.base import (
+    SequentialRecommender,
+    flat_positions,
+    last_real_position,
+    position_ids,
+    target_positions,
+)
 from recsys.models.events import BehaviourEmbedding, keep_last_positions
 from recsys.models.transformer import TransformerBlock, init_weights
 
@@ -97,9 +103,11 @@ class SASRec(SequentialRecommender):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         hidden = self(batch["input_ids"], batch.get("input_events"), batch.get("input_gaps"))
-        has_target = target_positions(batch)  # loss only where there is a next item (of a target type)
-        loss = self.loss(hidden[has_target], batch["target_ids"][has_target], self.item_embedding.weight)
-        return self._training_loss(loss, int(has_target.sum()))
+        # The loss only where there is a next item (of a target type).
+        index = flat_positions(target_positions(batch))
+        targets = batch["target_ids"].flatten()[index]
+        loss = self.loss(hidden.flatten(0, 1)[index], targets, self.item_embedding.weight)
+        return self._training_loss(loss, len(index))
 
     def user_vectors(
         self,

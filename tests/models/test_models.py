@@ -5,6 +5,7 @@ import torch
 
 from recsys.errors import UserInputError
 from recsys.losses import BinaryCrossEntropy, FullCrossEntropy
+from recsys.models.base import flat_positions, target_positions
 from recsys.models.bert4rec import BERT4Rec
 from recsys.models.gru4rec import GRU4Rec
 from recsys.models.popular import MostPopular
@@ -91,6 +92,35 @@ def test_batches_weigh_by_their_target_count(model_class):
     # 2 then 14 targets: the first batch is its own mean; the second weighs 14 / mean(2, 14).
     torch.testing.assert_close(losses[True][0], losses[False][0])
     torch.testing.assert_close(losses[True][1], losses[False][1] * 14 / 8)
+
+
+def test_flat_positions_select_what_the_mask_selects():
+    torch.manual_seed(0)
+    values = torch.randn(5, 7, 3)
+    for mask in (
+        torch.rand(5, 7) < 0.4,
+        torch.zeros(5, 7, dtype=torch.bool),
+        torch.ones(5, 7, dtype=torch.bool),
+    ):
+        index = flat_positions(mask)
+        assert len(index) == int(mask.sum())
+        torch.testing.assert_close(values.flatten(0, 1)[index], values[mask])
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to")
+@pytest.mark.parametrize("model_class", [SASRec, GRU4Rec])
+def test_training_loss_covers_exactly_the_positions_with_a_next_item(model_class):
+    torch.manual_seed(0)
+    model = model_class(num_items=20, max_len=6, dim=8, dropout=0.0, weight_batches_by_targets=False)
+    batch = {
+        "input_ids": right_padded([[1, 2, 3, 4, 5], [6, 7], [8]], 6),
+        "target_ids": right_padded([[2, 3, 4, 5, 6], [7, 9], [10]], 6),
+    }
+    loss = model.training_step(batch, 0)
+    has_target = target_positions(batch)
+    hidden = model(batch["input_ids"])
+    expected = model.loss(hidden[has_target], batch["target_ids"][has_target], model.item_embedding.weight)
+    torch.testing.assert_close(loss, expected)
 
 
 @pytest.mark.filterwarnings("ignore:You are trying to")
