@@ -67,6 +67,9 @@ echo "   pytest exit $? ($(tail -n 1 "$OUT/pytest.log"))"
 # figures of runs 1-4 did not have it: BENCHMARKS.md).
 TP="--items $TP_ITEMS --users $TP_USERS --max-len $TP_LEN --steps $STEPS --warmup $WARM --warmup-epochs $WARM_EPOCHS"
 bench 120 benchmarks/train_throughput.py --model sasrec $TP --fused
+# The same with batch widths rounded up to a multiple of 8 (data.width_multiple): 25 shapes instead
+# of 200 for the GPU to plan for; compare warmup_seconds and step_ms with the line above.
+bench 120 benchmarks/train_throughput.py --model sasrec $TP --fused --width-multiple 8
 bench 60 benchmarks/loss.py --items $ITEMS_LARGE --tokens 4096 --impl fused --precision bf16
 bench 100 benchmarks/epoch_time.py --accelerator $ACCEL --precision bf16-mixed --epochs $EPOCHS --fused
 bench 150 benchmarks/train_throughput.py --model sasrec --items $ITEMS_HUGE --users 20000 --max-len 50 --batch-size 128 --steps 5 --warmup 2 --fused

@@ -1,7 +1,8 @@
 """Training throughput of SASRec or BERT4Rec on a synthetic catalogue; prints one JSON line.
 
     python benchmarks/train_throughput.py --model sasrec --items 100000 --max-len 200 \
-        [--batch-size 256] [--precision bf16-mixed] [--compile] [--steps 60] [--warmup 15]
+        [--batch-size 256] [--precision bf16-mixed] [--compile] [--steps 60] [--warmup 15] \
+        [--width-multiple 8]
 
 Generates Zipf-popular sequences with a learnable successor structure (`recsys.data.synthetic`),
 trains through the same Lightning Trainer, data module (device batches on a GPU), model and loss
@@ -108,6 +109,12 @@ def main() -> None:
     parser.add_argument(
         "--warmup-epochs", type=int, default=0, help="whole epochs of warm-up: every batch width seen once"
     )
+    parser.add_argument(
+        "--width-multiple",
+        type=int,
+        default=1,
+        help="data.width_multiple: batch widths rounded up to a multiple",
+    )
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--profile", default=None, help="folder for a torch.profiler table of the run")
     args = parser.parse_args()
@@ -122,7 +129,10 @@ def main() -> None:
         seed=0,
     )
     datamodule = SequenceDataModule(
-        name="synthetic_benchmark", max_len=args.max_len, batch_size=args.batch_size
+        name="synthetic_benchmark",
+        max_len=args.max_len,
+        batch_size=args.batch_size,
+        width_multiple=args.width_multiple,
     )
     datamodule.data = SequenceData(
         offsets=offsets,

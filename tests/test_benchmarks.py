@@ -72,6 +72,8 @@ ROOT = Path(__file__).resolve().parents[1]
                 "1",
                 "--precision",
                 "32-true",
+                "--width-multiple",
+                "8",
             ],
             "target_tokens_per_second",
         ),

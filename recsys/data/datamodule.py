@@ -12,6 +12,12 @@ each target gets.
 Batches are built by fancy indexing into the CSR arrays, one whole batch per `__getitem__` call: no
 per-user Python loop.
 
+Batch widths (`data.width_multiple`): trimmed to the longest sequence, batches at max length 200 come
+in up to 200 widths, and a GPU pays for each new shape once (cuBLAS and cuDNN plan per shape;
+torch.compile and CUDA graphs capture per shape). Rounding the width up to a multiple of 8 leaves at
+most 25. The extra columns are padding: no model output at a real position changes (causal models
+look left; BERT4Rec masks padding keys; the GRU runs left to right) and they carry no target.
+
 Device batches (`data.device_batches`): for a small model on a GPU, gathering each batch on the CPU
 and copying it to the device takes longer than the training step, and the GPU sits idle. When on,
 the padded matrix of all training windows (num_windows x longest window, a few MB for the Amazon
@@ -131,14 +137,22 @@ class EventSplit:
 DEVICE_BATCHES_MAX_BYTES = 1 << 30
 
 
-def gather_windows(items: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """Rows items[starts[i]:ends[i]], right-padded with 0 to the longest row."""
+def gather_windows(
+    items: np.ndarray, starts: np.ndarray, ends: np.ndarray, width: int | None = None
+) -> np.ndarray:
+    """Rows items[starts[i]:ends[i]], right-padded with 0 to the longest row (or to `width`)."""
     lengths = ends - starts
-    width = int(lengths.max()) if len(lengths) else 0
+    if width is None:
+        width = int(lengths.max()) if len(lengths) else 0
     columns = np.arange(width, dtype=np.int64)
     index = starts[:, None] + columns[None, :]
     valid = columns[None, :] < lengths[:, None]
     return np.where(valid, items[np.minimum(index, len(items) - 1)], 0)
+
+
+def rounded_width(longest: int, multiple: int, cap: int) -> int:
+    """`longest` rounded up to a multiple of `multiple`, but not past `cap` (nor below `longest`)."""
+    return max(longest, min(cap, -(-longest // multiple) * multiple))
 
 
 class TrainWindows(Dataset):
@@ -156,10 +170,19 @@ class TrainWindows(Dataset):
         events: np.ndarray | None = None,
         gaps: np.ndarray | None = None,
         is_target: np.ndarray | None = None,
+        width_multiple: int = 1,
     ):
         self.items, self.starts, self.ends = items, starts, ends
         # Per-event arrays aligned with `items` (event-typed data only).
         self.events, self.gaps, self.is_target = events, gaps, is_target
+        self.width_multiple = width_multiple
+        # Inputs are never wider than the longest window's (as in the device path's matrix).
+        self.max_inputs = int(self.lengths.max()) - 1 if len(starts) else 0
+
+    def window_width(self, longest: int) -> int:
+        """Columns of a batch whose longest window has `longest` items: inputs (one fewer) rounded
+        up to a multiple of width_multiple, plus the last window item (a target only)."""
+        return rounded_width(longest - 1, self.width_multiple, self.max_inputs) + 1
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -170,7 +193,9 @@ class TrainWindows(Dataset):
 
     def __getitem__(self, indices) -> dict[str, torch.Tensor]:
         indices = np.asarray(indices, dtype=np.int64)
-        windows = gather_windows(self.items, self.starts[indices], self.ends[indices])
+        starts, ends = self.starts[indices], self.ends[indices]
+        width = self.window_width(int((ends - starts).max())) if len(indices) else None
+        windows = gather_windows(self.items, starts, ends, width)
         targets = windows[:, 1:]
         # The last item of a window is only a target: padding it out of the inputs keeps every
         # row's inputs exactly the positions that have a target, as at inference.
@@ -179,15 +204,14 @@ class TrainWindows(Dataset):
             "input_ids": torch.from_numpy(np.ascontiguousarray(inputs)),
             "target_ids": torch.from_numpy(np.ascontiguousarray(targets)),
         }
-        starts, ends = self.starts[indices], self.ends[indices]
         for name, values in (("events", self.events), ("gaps", self.gaps)):
             if values is not None:
-                window = gather_windows(values, starts, ends).astype(np.int64)
+                window = gather_windows(values, starts, ends, width).astype(np.int64)
                 batch[f"input_{name}"] = torch.from_numpy(np.where(targets != 0, window[:, :-1], 0))
                 batch[f"target_{name}"] = torch.from_numpy(np.ascontiguousarray(window[:, 1:]))
         if self.is_target is not None:
             # Only positions whose next event is of a target type enter the loss.
-            mask = gather_windows(self.is_target, starts, ends)[:, 1:].astype(bool)
+            mask = gather_windows(self.is_target, starts, ends, width)[:, 1:].astype(bool)
             batch["target_mask"] = torch.from_numpy(np.ascontiguousarray(mask))
         return batch
 
@@ -212,10 +236,12 @@ class EvalUsers(Dataset):
         exclude_codes: list[int] | None = None,
         gaps: np.ndarray | None = None,
         hide_target_item: bool = False,
+        width_multiple: int = 1,
     ):
         self.data = data
         self.hide_target_item = hide_target_item
         self.max_len = max_len
+        self.width_multiple = width_multiple
         self.users = users
         self.target_pos = target_pos
         self.seen_start = data.offsets[:-1][users]
@@ -254,7 +280,10 @@ class EvalUsers(Dataset):
         lengths = (seen != 0).sum(axis=1)
         # The model sees the last max_len of them.
         begin = np.maximum(lengths - self.max_len, 0)
-        width = min(self.max_len, max(int(lengths.max(initial=0)), 1))  # trimmed to the longest row
+        # Trimmed to the longest row (rounded up to a multiple of data.width_multiple).
+        width = rounded_width(
+            min(self.max_len, max(int(lengths.max(initial=0)), 1)), self.width_multiple, self.max_len
+        )
         columns = begin[:, None] + np.arange(width)[None, :]
         in_history = columns < lengths[:, None]
         columns = np.minimum(columns, max(seen.shape[1] - 1, 0))
@@ -400,8 +429,10 @@ class DeviceTrainBatches:
         sampler: LengthBucketBatchSampler,
         rank: int = 0,
         world_size: int = 1,
+        width_multiple: int = 1,
     ):
         self.matrix = matrix
+        self.width_multiple = width_multiple
         self.lengths = np.asarray(lengths)
         self.sampler = sampler
         self.rank = rank
@@ -424,6 +455,9 @@ class DeviceTrainBatches:
         order = np.concatenate(batches).astype(np.int64, copy=False)
         bounds = np.cumsum([0] + [len(batch) for batch in batches]).tolist()
         widths = np.maximum.reduceat(self.lengths[order], bounds[:-1]).tolist()
+        # As TrainWindows.window_width: inputs rounded up, never wider than the longest window's.
+        max_inputs = self.matrix.shape[1] - 1
+        widths = [rounded_width(w - 1, self.width_multiple, max_inputs) + 1 for w in widths]
         order = torch.from_numpy(order).to(self.device)  # one host-to-device copy per epoch
         for begin, end, width in zip(bounds[:-1], bounds[1:], widths):
             windows = self.matrix[order[begin:end], :width].long()
@@ -468,9 +502,13 @@ class SequenceDataModule(pl.LightningDataModule):
         target_events: list[str] | None = None,
         exclude_events: list[str] | None = None,
         hide_target_item: bool = False,
+        width_multiple: int = 1,
     ):
         super().__init__()
         self.hide_target_item = hide_target_item
+        if isinstance(width_multiple, bool) or not isinstance(width_multiple, int) or width_multiple < 1:
+            raise UserInputError(f"data.width_multiple: must be an integer >= 1, got {width_multiple!r}")
+        self.width_multiple = width_multiple
         if isinstance(device_batches, str):  # also "true" / "false" when not parsed by YAML
             choices = {"auto": "auto", "true": True, "false": False}
             device_batches = choices.get(device_batches.lower(), device_batches)
@@ -623,6 +661,7 @@ class SequenceDataModule(pl.LightningDataModule):
             events=data.events,
             gaps=self._gaps,
             is_target=is_target,
+            width_multiple=self.width_multiple,
         )
 
     def train_item_counts(self) -> torch.Tensor:
@@ -675,7 +714,9 @@ class SequenceDataModule(pl.LightningDataModule):
                 return self._loader(windows, RankBatches(sampler, rank, world_size, pad=True))
             return self._loader(windows, sampler)
         matrix, lengths = self._windows_on(device, windows)
-        return DeviceTrainBatches(matrix, lengths, sampler, rank=rank, world_size=world_size)
+        return DeviceTrainBatches(
+            matrix, lengths, sampler, rank=rank, world_size=world_size, width_multiple=self.width_multiple
+        )
 
     def _process_share(self) -> tuple[int, int]:
         """(rank, world_size) of this process in the trainer's data parallelism; (0, 1) alone."""
@@ -805,7 +846,14 @@ class SequenceDataModule(pl.LightningDataModule):
         if self.exclude_events is not None:
             exclude_codes = self.data.event_ids(self.exclude_events, "data.exclude_events")
         users = EvalUsers(
-            self.data, users, target_pos, self.max_len, exclude_codes, self._gaps, self.hide_target_item
+            self.data,
+            users,
+            target_pos,
+            self.max_len,
+            exclude_codes,
+            self._gaps,
+            self.hide_target_item,
+            width_multiple=self.width_multiple,
         )
         sampler = LengthBucketBatchSampler(
             np.zeros(len(users)), self.eval_batch_size, shuffle=False, bucketing=False

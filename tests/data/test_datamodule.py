@@ -163,7 +163,9 @@ VARIED = "".join(
 )
 
 
-@pytest.mark.parametrize("options", [{}, {"length_bucketing": False}, {"sliding_window_step": 2}])
+@pytest.mark.parametrize(
+    "options", [{}, {"length_bucketing": False}, {"sliding_window_step": 2}, {"width_multiple": 4}]
+)
 def test_device_batches_equal_the_dataloader_batches(tmp_path, options):
     plain = make_datamodule(
         tmp_path, VARIED, seed=5, batch_size=4, max_len=6, device_batches=False, **options
@@ -292,3 +294,47 @@ def test_a_model_trains_on_device_batches_as_on_the_dataloader(tmp_path):
     assert not torch.equal(batches[0]["input_ids"], batches[2]["input_ids"])
     for a, b in zip(expected, batches):
         assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to")
+@pytest.mark.parametrize("device_batches", [False, True])
+def test_width_multiple_pads_batches_without_changing_them(tmp_path, device_batches):
+    from recsys.models.sasrec import SASRec
+
+    batches, evaluated = {}, {}
+    for multiple in (1, 4):
+        dm = make_datamodule(
+            tmp_path,
+            VARIED,
+            seed=5,
+            batch_size=4,
+            max_len=10,
+            device_batches=device_batches,
+            width_multiple=multiple,
+        )
+        batches[multiple] = all_batches(dm.train_dataloader())
+        evaluated[multiple] = all_batches(dm.eval_dataloader("test"))
+    model = SASRec(num_items=40, max_len=10, dim=8, dropout=0.0, weight_batches_by_targets=False)
+    widths = set()
+    for exact, rounded in zip(batches[1], batches[4]):
+        width = rounded["input_ids"].size(1)
+        widths.add(width)
+        # Inputs rounded up to a multiple of 4, but never past the longest window's 10.
+        assert width == min(-(-exact["input_ids"].size(1) // 4) * 4, 10)
+        for key in exact:
+            extra = rounded[key][:, exact[key].size(1) :]
+            assert torch.equal(rounded[key][:, : exact[key].size(1)], exact[key]) and not extra.any()
+        # The extra columns are padding: the same loss.
+        torch.testing.assert_close(model.training_step(rounded, 0), model.training_step(exact, 0))
+    assert widths - {10} and widths <= {4, 8, 10}
+    for exact, rounded in zip(evaluated[1], evaluated[4]):
+        width = rounded["history"].size(1)
+        assert width == min(-(-exact["history"].size(1) // 4) * 4, 10)
+        assert torch.equal(rounded["history"][:, : exact["history"].size(1)], exact["history"])
+        torch.testing.assert_close(model.score(rounded["history"]), model.score(exact["history"]))
+
+
+def test_width_multiple_is_checked(tmp_path):
+    for bad in (0, 2.5, "8"):
+        with pytest.raises(UserInputError, match="data.width_multiple: must be an integer >= 1"):
+            make_datamodule(tmp_path, VARIED, width_multiple=bad)
