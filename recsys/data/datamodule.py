@@ -155,6 +155,13 @@ def rounded_width(longest: int, multiple: int, cap: int) -> int:
     return max(longest, min(cap, -(-longest // multiple) * multiple))
 
 
+def window_batch_width(longest: int, multiple: int, widest: int) -> int:
+    """Columns of a training batch whose longest window has `longest` items: its inputs (one fewer)
+    rounded up to a multiple, never wider than those of the `widest` window of all, plus the last
+    window item (a target only). The DataLoader and device batches both size batches by it."""
+    return rounded_width(longest - 1, multiple, widest - 1) + 1
+
+
 class TrainWindows(Dataset):
     """Training samples: windows of at most max_len + 1 items from each user's training history.
 
@@ -176,13 +183,8 @@ class TrainWindows(Dataset):
         # Per-event arrays aligned with `items` (event-typed data only).
         self.events, self.gaps, self.is_target = events, gaps, is_target
         self.width_multiple = width_multiple
-        # Inputs are never wider than the longest window's (as in the device path's matrix).
-        self.max_inputs = int(self.lengths.max()) - 1 if len(starts) else 0
-
-    def window_width(self, longest: int) -> int:
-        """Columns of a batch whose longest window has `longest` items: inputs (one fewer) rounded
-        up to a multiple of width_multiple, plus the last window item (a target only)."""
-        return rounded_width(longest - 1, self.width_multiple, self.max_inputs) + 1
+        # The widest window of all, as wide as the device path's matrix.
+        self.widest = int(self.lengths.max()) if len(starts) else 0
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -194,7 +196,9 @@ class TrainWindows(Dataset):
     def __getitem__(self, indices) -> dict[str, torch.Tensor]:
         indices = np.asarray(indices, dtype=np.int64)
         starts, ends = self.starts[indices], self.ends[indices]
-        width = self.window_width(int((ends - starts).max())) if len(indices) else None
+        width = None
+        if len(indices):
+            width = window_batch_width(int((ends - starts).max()), self.width_multiple, self.widest)
         windows = gather_windows(self.items, starts, ends, width)
         targets = windows[:, 1:]
         # The last item of a window is only a target: padding it out of the inputs keeps every
@@ -455,9 +459,8 @@ class DeviceTrainBatches:
         order = np.concatenate(batches).astype(np.int64, copy=False)
         bounds = np.cumsum([0] + [len(batch) for batch in batches]).tolist()
         widths = np.maximum.reduceat(self.lengths[order], bounds[:-1]).tolist()
-        # As TrainWindows.window_width: inputs rounded up, never wider than the longest window's.
-        max_inputs = self.matrix.shape[1] - 1
-        widths = [rounded_width(w - 1, self.width_multiple, max_inputs) + 1 for w in widths]
+        widest = self.matrix.shape[1]
+        widths = [window_batch_width(w, self.width_multiple, widest) for w in widths]
         order = torch.from_numpy(order).to(self.device)  # one host-to-device copy per epoch
         for begin, end, width in zip(bounds[:-1], bounds[1:], widths):
             windows = self.matrix[order[begin:end], :width].long()
