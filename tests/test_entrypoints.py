@@ -169,7 +169,16 @@ def test_finished_run_directory_is_never_reused(trained_run):
     assert (run_dir / "metrics.json").read_text() == before
 
 
-PRESETS = ["sasrec_ce", "sasrec_ce_ml1m", "sasrec_original", "sasrec_sampled", "gsasrec", "bert4rec", "gru4rec", "popular"]
+PRESETS = [
+    "sasrec_ce",
+    "sasrec_ce_ml1m",
+    "sasrec_original",
+    "sasrec_sampled",
+    "gsasrec",
+    "bert4rec",
+    "gru4rec",
+    "popular",
+]
 
 
 BROWSE_BUY_PRESETS = [
