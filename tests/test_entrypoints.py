@@ -176,6 +176,7 @@ PRESETS = [
     "sasrec_sampled",
     "gsasrec",
     "bert4rec",
+    "bert4rec_ml1m",
     "gru4rec",
     "popular",
 ]
