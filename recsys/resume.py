@@ -50,6 +50,7 @@ RESUME_MAY_DIFFER = (
     "trainer.log_every_n_steps",
     "callbacks.rich_progress_bar",
     "callbacks.model_checkpoint.dirpath",
+    "callbacks.last_checkpoint",  # which checkpoints are kept, not what is trained
 )
 
 

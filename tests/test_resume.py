@@ -99,6 +99,17 @@ def test_a_killed_run_resumes_to_the_same_results(runs):
     assert len(load(tmp / "B/checkpoints/best.ckpt")["callbacks"]["TrainingState"]["rng"]["torch"]) > 0
 
 
+def test_last_checkpoint_holds_the_final_epoch_after_the_best_one(tmp_path):
+    """last.ckpt, what a resumption starts from, is rewritten every epoch, not only at a new best:
+    with a learning rate of 0 the first epoch stays the best and last.ckpt must still move on."""
+    run_dir = tmp_path / "run"
+    finish(start(tmp_path, run_dir, "trainer.max_epochs=3", "model.optimizer.lr=0", "model.scheduler=null"))
+    assert json.loads((run_dir / "metrics.json").read_text())["best_epoch"] == 0
+    assert load(run_dir / "checkpoints" / "best.ckpt")["epoch"] == 0
+    assert load(run_dir / "checkpoints" / "last.ckpt")["epoch"] == 2
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+
+
 def test_a_truncated_checkpoint_is_never_used(runs):
     tmp, outputs = runs
     c = tmp / "C"
