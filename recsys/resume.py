@@ -50,7 +50,10 @@ RESUME_MAY_DIFFER = (
     "trainer.log_every_n_steps",
     "callbacks.rich_progress_bar",
     "callbacks.model_checkpoint.dirpath",
-    "callbacks.last_checkpoint",  # which checkpoints are kept, not what is trained
+    # Which checkpoint files are kept, not what is trained (runs started before 2026-12-06 had
+    # model_checkpoint.save_last and no last_checkpoint).
+    "callbacks.last_checkpoint",
+    "callbacks.model_checkpoint.save_last",
 )
 
 

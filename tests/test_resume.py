@@ -192,6 +192,15 @@ def test_config_differences_ignore_only_what_does_not_change_results():
     assert config_differences(saved, new) == ["data.k: (absent) -> 1", "seed: 1 -> 2"]
 
 
+def test_a_run_from_before_last_checkpoint_resumes():
+    """Runs started when last.ckpt came from model_checkpoint.save_last still resume."""
+    saved = OmegaConf.create({"callbacks": {"model_checkpoint": {"save_last": True, "monitor": "v"}}})
+    new = OmegaConf.create(
+        {"callbacks": {"model_checkpoint": {"monitor": "v"}, "last_checkpoint": {"filename": "last"}}}
+    )
+    assert config_differences(saved, new) == []
+
+
 def test_plan_resume_starts_a_new_run_in_a_new_or_log_only_directory(tmp_path):
     cfg = OmegaConf.create({"seed": 1})
     assert plan_resume(tmp_path / "new", cfg) is None
