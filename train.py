@@ -86,8 +86,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     train_seconds = training_state.training_seconds()  # with the interrupted runs' training time
 
-    # Test the best validation checkpoint, read back with weights_only=True.
-    best_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    # Test the best validation checkpoint, read back with weights_only=True. It is the one kept by
+    # the checkpoint callback that monitors a metric, not last_checkpoint's (the latest epoch),
+    # whatever order the callbacks config lists them in.
+    best_path = next((c.best_model_path for c in trainer.checkpoint_callbacks if c.monitor), "")
     best_epoch = trainer.current_epoch - 1
     if best_path:
         checkpoint = torch.load(best_path, map_location="cpu", weights_only=True)
