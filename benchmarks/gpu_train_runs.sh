@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Full training runs too slow for a CPU (the ML-1M rows of the README's preset table), and a check
+# Full training runs too slow for a CPU (the ML-1M rows of RESULTS.md), and a check
 # of the fused loss over a whole run, on a lent GPU.
 #
 #   OUT=/some/dir SECONDS_LEFT=300 bash benchmarks/gpu_train_runs.sh
@@ -51,13 +51,13 @@ run() {
 }
 
 started=$SECONDS
-# Run 1 (2026-11-27, H100; README's H100 rows) was ml1m sasrec_ce dropout 0.2 / 120 epochs and
+# Run 1 (2026-11-27, H100; the H100 rows of RESULTS.md) was ml1m sasrec_ce dropout 0.2 / 120 epochs and
 # bert4rec dropout 0.2 (mask 0.4, and mask 0.2) / 150 epochs, with the presets' early stopping
 # (patience 10), which ended each of them while the cosine schedule still had the learning rate
 # high. These are the next runs: no early stopping (the best validation checkpoint is still the
 # one tested), the schedule as long as the run.
 no_early_stop=callbacks.early_stopping.patience=100000
-# SASRec: the ML-1M preset (three blocks; README, 2026-12-06: seeds 42 and 1 on the CPU) over
+# SASRec: the ML-1M preset (three blocks; RESULTS.md, 2026-12-06: seeds 42 and 1 on the CPU) over
 # three seeds, so the mean has a third seed, and with four blocks, since three beat two by a wide
 # margin (does depth keep paying?).
 pids=""
@@ -70,18 +70,18 @@ pids="$pids $!"
 run ml1m_bert4rec experiment=bert4rec data=ml1m model.dropout=0.2 trainer.max_epochs=300 $no_early_stop &
 pids="$pids $!"
 # BERT4Rec as Klenitskiy & Vasilev trained it for their published 0.1537: the preset
-# bert4rec_ml1m, which reached 0.1551 on the CPU with seed 42 (README, 2026-12-06); seeds 1 and 2
+# bert4rec_ml1m, which reached 0.1551 on the CPU with seed 42 (RESULTS.md, 2026-12-06); seeds 1 and 2
 # for a mean. Our H100 runs with the Amazon preset's masking stopped at 0.1244 and 0.1191.
 for seed in 1 2; do
     run "ml1m_bert4rec_ml1m_seed$seed" experiment=bert4rec_ml1m seed=$seed &
     pids="$pids $!"
 done
 # The preset's BERT4Rec with every 200-item window of the long histories, which lifted SASRec on
-# ML-1M (README): only the last 201 items of each history are trained on otherwise.
+# ML-1M (RESULTS.md): only the last 201 items of each history are trained on otherwise.
 run ml1m_bert4rec_windows experiment=bert4rec data=ml1m model.dropout=0.2 data.sliding_window_step=200 \
     trainer.max_epochs=300 $no_early_stop &
 pids="$pids $!"
-# BERT4Rec on Toys, where 60 to 100 CPU epochs plateau a third below sasrec_original (README) and
+# BERT4Rec on Toys, where 60 to 100 CPU epochs plateau a third below sasrec_original (RESULTS.md) and
 # 200 CPU epochs reach 0.0289, flat from epoch 140: does a 300-epoch cosine schedule add more?
 run toys_bert4rec experiment=bert4rec data=amazon_toys trainer.max_epochs=300 $no_early_stop &
 pids="$pids $!"

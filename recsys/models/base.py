@@ -164,7 +164,7 @@ class SequentialRecommender(pl.LightningModule):
         per batch): every target position then weighs the same in an epoch, however batches are
         formed. Why: length bucketing batches short histories together, so a batch may hold 256
         targets or 6,000; with plain batch means a short history's targets weighed ~20x a long
-        one's, and SASRec lost 10-15% validation NDCG@10 on the Amazon sets (README, "Batches
+        one's, and SASRec lost 10-15% validation NDCG@10 on the Amazon sets (RESULTS.md, "Batches
         weighted by their target count").
         Dividing by the running mean, not a constant, keeps the average weight at 1, so learning
         rates tuned either way still fit."""
