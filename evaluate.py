@@ -30,6 +30,7 @@ from recsys.data.datamodule import SPLITS
 from recsys.distributed import check_trainer_options, trainer_errors
 from recsys.errors import UserInputError
 from recsys.hardware import check_precision
+from recsys.metrics import check_seen_items
 from recsys.models.from_config import build_model
 from recsys.recommend import load_checkpoint, load_run_config
 from recsys.results import write_test_results
@@ -55,10 +56,14 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     run_cfg.data.cache_dir = cfg.paths.cache_dir
     if cfg.batch_size is not None:
         run_cfg.data.eval_batch_size = cfg.batch_size
+    seen_items = cfg.evaluation.seen_items
+    if seen_items == "as_trained":  # runs from before the key existed get the default
+        seen_items = run_cfg.get("evaluation", {}).get("seen_items", "exclude")
+    seen_items = check_seen_items(seen_items)
     if cfg.exclude_events != "as_trained":  # e.g. all seen items instead of bought ones only
         run_cfg.data.exclude_events = None if cfg.exclude_events == "all" else cfg.exclude_events
 
-    datamodule = instantiate(run_cfg.data)
+    datamodule = instantiate(run_cfg.data, seen_items=seen_items)
     datamodule.prepare_data()
     datamodule.setup("test")
     trained_on = checkpoint.get("data_fingerprint")
@@ -100,6 +105,8 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         "data": run_cfg.data.name,
         "data_fingerprint": datamodule.fingerprint,
         "exclude_seen": datamodule.exclude_events if datamodule.exclude_events is not None else True,
+        "seen_items": seen_items,
+        **datamodule.evaluation_counts(cfg.split),
         "protocol": datamodule.protocol(),
     }
     if not trainer.is_global_zero:

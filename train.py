@@ -26,6 +26,7 @@ from pytorch_lightning.loggers import WandbLogger
 from recsys.callbacks import EpochTimer, TrainingState
 from recsys.distributed import trainer_errors
 from recsys.hardware import check_precision, maybe_compile, uses_cuda
+from recsys.metrics import check_seen_items
 from recsys.models.from_config import build_model, check_model_config
 from recsys.results import write_test_results
 from recsys.resume import AtomicCheckpointIO, check_resume_data, plan_resume
@@ -52,10 +53,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     default_wandb_mode()
     torch.set_float32_matmul_precision(cfg.matmul_precision)
     check_model_config(cfg)  # a bad model or loss option fails now, before the data is read
+    seen_items = check_seen_items(cfg.evaluation.seen_items)
     # So does a GPU asked for where there is none; bf16 where the GPU lacks it falls back.
     device_type = "cuda" if uses_cuda(cfg.trainer.accelerator) else "cpu"
     precision = check_precision(cfg.trainer.precision, cfg.trainer.accelerator)
-    datamodule = instantiate(cfg.data)  # reading and preprocessing are deterministic by themselves
+    # Reading and preprocessing are deterministic by themselves.
+    datamodule = instantiate(cfg.data, seen_items=seen_items)
     datamodule.prepare_data()
     datamodule.setup("fit")
     if resume is not None:
@@ -114,6 +117,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         "data_fingerprint": datamodule.fingerprint,
         "resumed_from": str(resume.checkpoint.relative_to(run_dir)) if resume is not None else None,
         "exclude_seen": datamodule.exclude_events if datamodule.exclude_events is not None else True,
+        "seen_items": seen_items,
+        **datamodule.evaluation_counts("val"),
+        **datamodule.evaluation_counts("test"),
         "protocol": datamodule.protocol(),
     }
     if trainer.is_global_zero:

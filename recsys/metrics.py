@@ -7,8 +7,20 @@ candidate items:
 
 Counting ties above the target (pessimistic) means a model that gives every item the same score
 gets rank = number of candidates, i.e. ~0 NDCG, never 1. Candidates are all real items (index 0 is
-padding) except those in the user's history; the target itself always stays a candidate, even if
-the user saw it before.
+padding) except the `exclude`d ones; which items those are is the task (`evaluation.seen_items`,
+applied by the data module, which builds `exclude` and chooses the users):
+
+* `exclude` (default): "which new item next". The user's seen items are not candidates, and a user
+  whose target is one of them is left out of the split and counted: such a target cannot be
+  ranked, and keeping it as the one seen item among the candidates would make the exclusion depend
+  on the answer (a model that scores recent items high then puts it at rank 1).
+* `keep`: "what next, repeats included". Every item is a candidate, seen ones too; nothing is
+  excluded and every user is ranked.
+* `exclude_but_target`: the seen items are excluded except the target itself. That leaks the
+  answer when the target repeats a seen item; it exists only to reproduce numbers reported that way.
+
+The functions below rank whatever they are given: an `exclude` that holds the target keeps it as a
+candidate (the third task), since the target is counted once, as "1 +".
 
 From the rank r:  HR@K = [r <= K],  NDCG@K = [r <= K] / log2(r + 1),  MRR@K = [r <= K] / r,
 Precision@K = HR@K / K and MAP@K = MRR@K (with one relevant item, average precision is the
@@ -37,6 +49,8 @@ import torch
 from recsys.errors import UserInputError
 
 DEFAULT_KS = (1, 5, 10, 20)
+# evaluation.seen_items: what is done with the items a user has already interacted with (above).
+SEEN_ITEMS = ("exclude", "keep", "exclude_but_target")
 METRIC_NAMES = ("hr", "ndcg", "mrr", "map", "precision")
 LIST_METRIC_NAMES = ("coverage", "arp", "novelty")
 
@@ -85,6 +99,12 @@ def check_ks(ks: Sequence[int], num_items: int) -> None:
     too_large = [k for k in ks if k > num_items]
     if too_large or any(k < 1 for k in ks):
         raise UserInputError(f"model.ks: each K must lie in 1..{num_items} (the catalogue), got {list(ks)}")
+
+
+def check_seen_items(value: str, key: str = "evaluation.seen_items") -> str:
+    if value not in SEEN_ITEMS:
+        raise UserInputError(f"{key}: {value!r} is not one of {list(SEEN_ITEMS)}")
+    return value
 
 
 def _candidates(scores: torch.Tensor, exclude: torch.Tensor | None) -> torch.Tensor:

@@ -2,13 +2,16 @@
 
 `per_user.parquet`: one row per evaluated user with the raw user id, the raw target item id, the
 target's 1-based rank after exclusion, every metric, and what slices are cut by: the length of the
-history before the target and the target's training count. `slices.csv`: the mean metrics by
-history-length bucket and by target-popularity bucket, with the user count of each bucket.
+history before the target, the target's training count and whether the target repeats a seen item
+(`repeat_target`; never under evaluation.seen_items=exclude, which leaves those users out).
+`slices.csv`: the mean metrics by history-length bucket, by target-popularity bucket and by
+repeat or new target, with the user count of each bucket.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -31,9 +34,11 @@ def per_user_frame(
     ks,
     item_counts: torch.Tensor | None = None,
     target_positions: np.ndarray | None = None,
+    seen_targets: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> pd.DataFrame:
     """`target_positions`: each user's target event of `split` (the data module's split); by
-    default plain leave-one-out's (the last event for test, the one before for val)."""
+    default plain leave-one-out's (the last event for test, the one before for val).
+    `seen_targets(users, positions)`: which targets are seen items (the data module's rule)."""
     users_np = users.numpy().astype(np.int64)
     order = np.argsort(users_np, kind="stable")
     users_np = users_np[order]
@@ -53,6 +58,8 @@ def per_user_frame(
     )
     if item_counts is not None:
         frame["target_train_count"] = item_counts.numpy()[target_items]
+    if seen_targets is not None:
+        frame["repeat_target"] = seen_targets(users_np, target_pos)
     for name, values in metrics_from_ranks(ranks, ks).items():
         frame[name] = values.numpy()
     return frame
@@ -72,14 +79,16 @@ def bucket_labels(edges) -> list[str]:
 
 def slice_metrics(frame: pd.DataFrame, metrics=("hr@10", "ndcg@10", "mrr@10")) -> pd.DataFrame:
     """Mean metrics per history-length bucket and per target-popularity bucket."""
-    slices = [("history_length", HISTORY_LENGTH_EDGES)]
+    slices = [("history_length", HISTORY_LENGTH_EDGES, bucket_labels(HISTORY_LENGTH_EDGES))]
     if "target_train_count" in frame.columns:
-        slices.append(("target_train_count", TARGET_COUNT_EDGES))
+        slices.append(("target_train_count", TARGET_COUNT_EDGES, bucket_labels(TARGET_COUNT_EDGES)))
+    if "repeat_target" in frame.columns:
+        slices.append(("repeat_target", (0, 1), ["new item", "repeat"]))
     present = [m for m in metrics if m in frame.columns]
     rows = []
-    for column, edges in slices:
-        labels = bucket_labels(edges)
-        index = np.searchsorted(np.asarray(edges), frame[column].to_numpy(), side="right") - 1
+    for column, edges, labels in slices:
+        values = frame[column].to_numpy().astype(np.int64)
+        index = np.searchsorted(np.asarray(edges), values, side="right") - 1
         for bucket, label in enumerate(labels):
             members = frame[index == bucket]
             if len(members) == 0:
@@ -110,6 +119,7 @@ def write_test_results(datamodule, split: str, model, out_dir: str | os.PathLike
         model.ks,
         datamodule.train_item_counts(),
         datamodule.split.val_pos if split == "val" else datamodule.split.test_pos,
+        datamodule.seen_targets,
     )
     write_parquet_atomic(frame, os.path.join(out_dir, "per_user.parquet"))
     write_csv_atomic(slice_metrics(frame), os.path.join(out_dir, "slices.csv"))

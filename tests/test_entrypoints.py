@@ -76,8 +76,12 @@ def test_train_writes_the_run_directory(trained_run):
     assert (run_dir / "config.yaml").is_file()
     assert (run_dir / "checkpoints" / "best.ckpt").is_file()
     frame = pd.read_parquet(run_dir / "per_user.parquet")
-    assert len(frame) == 200 and {"user_id", "target_item_id", "rank", "ndcg@10"} <= set(frame.columns)
+    assert {"user_id", "target_item_id", "rank", "ndcg@10", "repeat_target"} <= set(frame.columns)
     assert frame["ndcg@10"].mean() == pytest.approx(metrics["test/ndcg@10"])
+    # The synthetic data have repeat targets: left out under the default seen_items=exclude, counted.
+    assert metrics["seen_items"] == "exclude" and not frame["repeat_target"].any()
+    assert metrics["test/users"] == len(frame) and metrics["test/users_left_out"] > 0
+    assert metrics["test/users"] + metrics["test/users_left_out"] == 200
     # The synthetic data follow a hidden item cycle: a model that learned anything beats chance
     # (about 0.06 NDCG@10 for a random ranking of 50 items) by far.
     assert metrics["test/ndcg@10"] > 0.3
@@ -243,6 +247,10 @@ def test_every_preset_runs_one_tiny_epoch(tmp_path, preset):
         (
             ["model=popular"],
             "error: loss: MostPopular has nothing to train and cannot use a loss; set loss=none",
+        ),
+        (
+            ["evaluation.seen_items=new"],
+            "error: evaluation.seen_items: 'new' is not one of ['exclude', 'keep', 'exclude_but_target']",
         ),
     ],
 )

@@ -40,20 +40,52 @@ def test_test_split_ranks_equal_the_evaluation_ranks(trained):
     per_user = pd.read_parquet(run_dir / "per_user.parquet")
     found = per_user.merge(recs, left_on=["user_id", "target_item_id"], right_on=["user", "item"])
     assert (found["rank_x"] == found["rank_y"]).all()
-    # Missing are exactly the users whose test item repeats one they saw: never recommended
-    # (seen items are excluded), though evaluation still ranks it.
+    # Every evaluated user is found: evaluation.seen_items=exclude left out exactly the users whose
+    # test item repeats one they saw, which predict.py never recommends (seen items are excluded).
+    assert len(found) == len(per_user)
     data = cached_data(tmp, ckpt)
     repeats = {
         int(data.user_ids[u])
         for u in range(data.num_users)
         if data.items[data.offsets[u + 1] - 1] in data.items[data.offsets[u] : data.offsets[u + 1] - 1]
     }
-    assert set(per_user["user_id"]) - set(found["user_id"]) == repeats
+    assert set(per_user["user_id"]) == set(data.user_ids.tolist()) - repeats
+    assert not per_user["repeat_target"].any()
     assert 0 < len(repeats) < 50
     # Ranks run 1.. per user with non-increasing scores.
     first = recs[recs["user"] == recs["user"].iloc[0]]
     assert first["rank"].tolist() == list(range(1, len(first) + 1))
     assert (np.diff(first["score"].to_numpy()) <= 0).all()
+
+
+def test_test_split_with_seen_items_kept_equals_evaluation_with_seen_items_kept(trained):
+    tmp, run_dir, ckpt = trained
+    evaluated, predicted = tmp / "eval_keep", tmp / "pred_keep"
+    run(
+        "evaluate.py",
+        f"ckpt_path={ckpt}",
+        "evaluation.seen_items=keep",
+        f"hydra.run.dir={evaluated}",
+        *common(tmp),
+    )
+    run(
+        "predict.py",
+        f"ckpt_path={ckpt}",
+        "k=50",
+        "exclude_seen=false",
+        f"hydra.run.dir={predicted}",
+        *common(tmp),
+    )
+    per_user = pd.read_parquet(evaluated / "per_user.parquet")
+    recs = pd.read_parquet(predicted / "recommendations.parquet")
+    found = per_user.merge(recs, left_on=["user_id", "target_item_id"], right_on=["user", "item"])
+    # Every user, the repeat targets included, at the rank evaluate.py gives them.
+    assert len(found) == len(per_user) == 200
+    assert (found["rank_x"] == found["rank_y"]).all()
+    assert per_user["repeat_target"].any()
+    metrics = json.loads((evaluated / "metrics.json").read_text())
+    assert metrics["seen_items"] == "keep" and metrics["test/users_left_out"] == 0
+    assert metrics["test/repeat_targets"] == int(per_user["repeat_target"].sum())
 
 
 def test_next_split_and_python_api_agree_and_exclude_the_history(trained):

@@ -45,3 +45,32 @@ def test_slices_group_users_into_buckets():
     assert table.loc[("target_train_count", "0"), "ndcg@10"] == 0.5
     assert table.loc[("target_train_count", "500+"), "users"] == 1
     assert table["users"].groupby(level=0).sum().tolist() == [5, 5]
+
+
+def test_repeat_targets_are_flagged_and_sliced(tmp_path):
+    from recsys.data.datamodule import SequenceDataModule
+
+    # Both users' test items repeat a seen item (a: 1, b: 3); under keep both are ranked.
+    path = tmp_path / "seq.txt"
+    path.write_text("a 1 2 3 1\nb 2 3 4 5 2 3\n")
+    dm = SequenceDataModule(
+        name="toy", path=str(path), format="sequence", cache_dir=str(tmp_path), seen_items="keep"
+    )
+    dm.setup()
+    users, positions = dm.evaluated_users("test")
+    frame = per_user_frame(
+        dm.data,
+        "test",
+        torch.from_numpy(users),
+        torch.tensor([1, 7]),
+        (1, 10),
+        None,
+        dm.split.test_pos,
+        dm.seen_targets,
+    )
+    assert frame["repeat_target"].tolist() == [True, True]
+    assert dm.seen_targets(*dm.evaluated_users("val")).tolist() == [False, True]  # a: 3 new, b: 2 seen
+    table = slice_metrics(frame, ["hr@1"]).set_index(["slice", "bucket"])
+    assert table.loc[("repeat_target", "repeat"), "users"] == 2
+    assert table.loc[("repeat_target", "repeat"), "hr@1"] == 0.5
+    assert ("repeat_target", "new item") not in table.index

@@ -34,9 +34,14 @@ built to read them do, the others ignore them. `data.target_events` makes the sp
 follow those types: a user's test target is their last event of a target type and the validation
 target the one before it (the history is the full mixed sequence before each), and training
 batches carry `target_mask`, true where the next event is of a target type; only those positions
-enter the loss. `data.exclude_events` says which seen items are removed from the ranking: those of
-the history's events of these types (default: every seen item; for next-purchase, previously
-*bought* items only, since customers buy what they viewed).
+enter the loss. `data.exclude_events` says which items count as seen: those of the history's events
+of these types (default: every earlier item; for next-purchase, previously *bought* items only,
+since customers buy what they viewed).
+
+Seen items (`evaluation.seen_items`, see recsys/metrics.py): `exclude` removes them from the
+ranking and leaves out of the split each user whose target is one of them (counted:
+`evaluation_counts`); `keep` excludes nothing and evaluates every user; `exclude_but_target`
+excludes them but keeps a seen target as a candidate (leaks the answer; for comparisons only).
 
 Several processes (`trainer=ddp`): the data module gives each process its share itself, and the
 trainer must not wrap the loaders in a DistributedSampler (`use_distributed_sampler: false`, set by
@@ -62,6 +67,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from recsys.data.preprocess import PreprocessSettings, SequenceData, load_sequence_data
 from recsys.errors import UserInputError
+from recsys.metrics import check_seen_items
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +232,7 @@ class EvalUsers(Dataset):
     `target_pos[i]` is user `users[i]`'s target event (see EventSplit); the history is everything
     before it. `history` is its last max_len items (what the model sees); `exclude` is the items of
     the whole history that are removed from the ranking: all of them, or with `exclude_codes` only
-    those of events of these types. Event-typed data also yields `history_events`, `history_gaps`
+    those of events of these types, or with `exclude_seen=False` none ((B, 0)). Event-typed data also yields `history_events`, `history_gaps`
     and `target_event` (the type of event being predicted, e.g. a purchase). `hide_target_item`
     leaves the target item's own earlier events out of the history (see data.hide_target_item).
     """
@@ -241,8 +247,10 @@ class EvalUsers(Dataset):
         gaps: np.ndarray | None = None,
         hide_target_item: bool = False,
         width_multiple: int = 1,
+        exclude_seen: bool = True,
     ):
         self.data = data
+        self.exclude_seen = exclude_seen
         self.hide_target_item = hide_target_item
         self.max_len = max_len
         self.width_multiple = width_multiple
@@ -298,7 +306,9 @@ class EvalUsers(Dataset):
             return np.where(in_history, np.take_along_axis(values, columns, axis=1), 0).astype(np.int64)
 
         exclude = seen
-        if self.exclude_codes is not None:
+        if not self.exclude_seen:
+            exclude = np.zeros((len(indices), 0), dtype=np.int64)
+        elif self.exclude_codes is not None:
             exclude = np.where(np.isin(seen_features["events"], self.exclude_codes), seen, 0)
         batch = {
             "user": torch.from_numpy(self.users[indices]),
@@ -506,8 +516,11 @@ class SequenceDataModule(pl.LightningDataModule):
         exclude_events: list[str] | None = None,
         hide_target_item: bool = False,
         width_multiple: int = 1,
+        seen_items: str = "exclude",
     ):
         super().__init__()
+        # Not a data key: train.py and evaluate.py pass evaluation.seen_items.
+        self.seen_items = check_seen_items(seen_items)
         self.hide_target_item = hide_target_item
         if isinstance(width_multiple, bool) or not isinstance(width_multiple, int) or width_multiple < 1:
             raise UserInputError(f"data.width_multiple: must be an integer >= 1, got {width_multiple!r}")
@@ -575,6 +588,7 @@ class SequenceDataModule(pl.LightningDataModule):
         self.split: EventSplit | None = None
         self._gaps: np.ndarray | None = None
         self._evaluated: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._evaluation_counts: dict[str, dict[str, float]] = {}
         self._device_windows: tuple[torch.Tensor, np.ndarray] | None = None
         self._train_item_counts: torch.Tensor | None = None
 
@@ -790,16 +804,46 @@ class SequenceDataModule(pl.LightningDataModule):
         else:
             target = f"next {'/'.join(self.target_events)} event from the full history before it"
         if self.exclude_events is None:
-            seen = "seen items excluded"
+            seen = "seen items"
         elif not self.exclude_events:
-            seen = "no seen item excluded"
+            seen = "no items"  # nothing counts as seen: the same as keeping them
         else:
-            seen = f"items of earlier {'/'.join(self.exclude_events)} events excluded"
-        return f"{target}, full ranking, {seen}, pessimistic ties"
+            seen = f"items of earlier {'/'.join(self.exclude_events)} events"
+        rule = {
+            "exclude": f"{seen} excluded, users whose target is one of them left out",
+            "keep": "seen items kept (repeats ranked)",
+            "exclude_but_target": f"{seen} excluded but a seen target kept (leaks repeat targets)",
+        }[self.seen_items]
+        return f"{target}, full ranking, {rule}, pessimistic ties"
+
+    def _exclude_codes(self) -> list[int] | None:
+        """Event type ids whose items count as seen (None: every event's)."""
+        if self.exclude_events is None:
+            return None
+        return self.data.event_ids(self.exclude_events, "data.exclude_events")
+
+    def seen_targets(self, users: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """(len(users),) bool: the target item at `positions` is a seen item of the user, i.e. it
+        occurs among the user's earlier events (of the data.exclude_events types, when set), a
+        repeat. Never with hide_target_item, which hides the target item's earlier events."""
+        self.setup()
+        data, codes = self.data, self._exclude_codes()
+        repeat = np.zeros(len(users), dtype=bool)
+        if self.hide_target_item:
+            return repeat
+        for begin in range(0, len(users), 4096):  # bounded memory: 4096 histories at a time
+            rows = slice(begin, begin + 4096)
+            starts = data.offsets[:-1][users[rows]]
+            seen = gather_windows(data.items, starts, positions[rows])
+            if codes is not None:
+                seen = np.where(np.isin(gather_windows(data.events, starts, positions[rows]), codes), seen, 0)
+            repeat[rows] = (seen == data.items[positions[rows]][:, None]).any(axis=1)
+        return repeat
 
     def evaluated_users(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """(users, target positions) evaluated on `split`: every user whose target has a history
-        (all users under plain leave-one-out; see EventSplit)."""
+        (all users under plain leave-one-out; see EventSplit), but, under evaluation.seen_items=
+        exclude, those whose target is a seen item (counted in `evaluation_counts`)."""
         self.setup()
         if split in self._evaluated:  # asked for at every validation and test pass
             return self._evaluated[split]
@@ -820,8 +864,36 @@ class SequenceDataModule(pl.LightningDataModule):
                     split,
                 )
             users, positions = users[keep], positions[keep]
+        repeat = self.seen_targets(users, positions)
+        repeats = int(repeat.sum())
+        left_out = repeats if self.seen_items == "exclude" else 0
+        if left_out:
+            log.info(
+                "data %s: %d of %d %s users (%.1f%%) left out: their target is an item they had seen "
+                "(evaluation.seen_items=exclude; keep ranks them)",
+                self.name,
+                left_out,
+                len(users),
+                split,
+                100.0 * left_out / len(users),
+            )
+            users, positions = users[~repeat], positions[~repeat]
+        self._evaluation_counts[split] = {
+            f"{split}/users": len(users),
+            f"{split}/repeat_targets": repeats,
+            f"{split}/repeat_target_share": repeats / max(len(users) + left_out, 1),
+            f"{split}/users_left_out": left_out,
+        }
         self._evaluated[split] = (users, positions)
         return users, positions
+
+    def evaluation_counts(self, split: str) -> dict[str, float]:
+        """For metrics.json: `<split>/users` evaluated (every user of the split, not the
+        data.val_users subset), `<split>/repeat_targets` (users whose target is a seen item) and
+        their share among the split's users, `<split>/users_left_out` (those of them left out:
+        all under evaluation.seen_items=exclude, none otherwise)."""
+        self.evaluated_users(split)
+        return dict(self._evaluation_counts[split])
 
     def validation_users(self) -> np.ndarray | None:
         """The fixed, seeded subset of users validated on when data.val_users is set (else None)."""
@@ -845,18 +917,16 @@ class SequenceDataModule(pl.LightningDataModule):
         if subset is not None:
             chosen = np.isin(users, subset)
             users, target_pos = users[chosen], target_pos[chosen]
-        exclude_codes = None
-        if self.exclude_events is not None:
-            exclude_codes = self.data.event_ids(self.exclude_events, "data.exclude_events")
         users = EvalUsers(
             self.data,
             users,
             target_pos,
             self.max_len,
-            exclude_codes,
+            self._exclude_codes(),
             self._gaps,
             self.hide_target_item,
             width_multiple=self.width_multiple,
+            exclude_seen=self.seen_items != "keep",
         )
         sampler = LengthBucketBatchSampler(
             np.zeros(len(users)), self.eval_batch_size, shuffle=False, bucketing=False

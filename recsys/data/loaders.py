@@ -432,6 +432,7 @@ def synthetic_interactions(
     length_distribution: str = "uniform",
     mean_length: float | None = None,
     length_sigma: float = 1.0,
+    repeat_probability: float = 0.0,
     **unknown,
 ) -> pd.DataFrame:
     """Generated data with sequential structure a model can learn (`data.format: synthetic`).
@@ -458,6 +459,7 @@ def synthetic_interactions(
         length_distribution=length_distribution,
         popularity_exponent=popularity_exponent,
         follow_probability=follow_probability,
+        repeat_probability=repeat_probability,
         seed=seed,
     )
     lengths = np.diff(offsets)

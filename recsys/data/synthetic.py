@@ -22,6 +22,12 @@ known sequential signal, so that a scale test can check quality as well as speed
   best possible next-item HR@1 is about `follow_probability`); a popularity model cannot. The map
   is `hidden_successors(num_items, seed)`.
 
+* Repeats. With `repeat_probability` > 0, each event after a user's first is, with that
+  probability, a re-consumption: its item is replaced by the item of one of the same user's earlier
+  events, drawn uniformly (so often-used items come back more often), as re-purchases and re-views
+  do in a retailer's log. The cycle walk underneath goes on as if the repeat were not there. Default
+  0: no repeat is planted (the cycle can still bring an item back, on short cycles or by jumps).
+
 Because followed items inherit traffic from their predecessors, the overall item frequencies are
 the Zipf law of the jumps smoothed along the cycle: the successors of the most popular items are
 popular too, and the head of the rank-frequency curve is flatter than `popularity_exponent` when
@@ -65,6 +71,7 @@ def generate_sequences(
     popularity_exponent: float = 1.0,
     follow_probability: float = 0.8,
     seed: int = 0,
+    repeat_probability: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Item sequences of `num_users` users over items 1..num_items, in CSR form.
 
@@ -82,6 +89,7 @@ def generate_sequences(
         raise UserInputError(f"{KEY}.max_length: {max_length} is below min_length={min_length}")
     seed = _integer("seed", seed, minimum=0)
     follow_probability = _real("follow_probability", follow_probability, 0.0, 1.0)
+    repeat_probability = _real("repeat_probability", repeat_probability, 0.0, 1.0)
     popularity_exponent = _real("popularity_exponent", popularity_exponent, 0.0, math.inf)
     if length_distribution not in LENGTH_DISTRIBUTIONS:
         raise UserInputError(
@@ -132,7 +140,29 @@ def generate_sequences(
     items = cycle[position]
     del position, cycle
     items += 1
+    if repeat_probability > 0.0:  # no draw at 0: the arrays stay those of earlier releases
+        items = items[_repeat_sources(rng, offsets, repeat_probability)]
     return offsets, items
+
+
+def _repeat_sources(rng: np.random.Generator, offsets: np.ndarray, probability: float) -> np.ndarray:
+    """(num_events,) the event whose item each event takes: itself, or, for a repeat, an earlier
+    event of the same user that is not a repeat itself (so the item really was seen before)."""
+    num_events = int(offsets[-1])
+    repeat = rng.random(num_events, dtype=np.float32) < np.float32(probability)
+    repeat[offsets[:-1][np.diff(offsets) > 0]] = False  # a user's first event has nothing to repeat
+    at = np.flatnonzero(repeat)
+    del repeat
+    start = offsets[np.searchsorted(offsets, at, side="right") - 1]
+    source = np.arange(num_events, dtype=np.int64)
+    source[at] = start + np.floor(rng.random(len(at)) * (at - start)).astype(np.int64)
+    # A repeat of a repeat takes what that one took: follow the pointers (each step doubles the
+    # distance jumped, so about log2(length) passes) until every source is an original event.
+    while True:
+        followed = source[source]
+        if np.array_equal(followed, source):
+            return source
+        source = followed
 
 
 def hidden_successors(num_items: int, seed: int = 0) -> np.ndarray:
