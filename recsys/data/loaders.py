@@ -1,4 +1,4 @@
-"""Readers that turn every supported source into one canonical interactions table.
+"""Readers that turn every supported source file into one canonical interactions table.
 
 The canonical table is a pandas DataFrame with columns
     user       raw user id (int64 or str)
@@ -7,14 +7,15 @@ The canonical table is a pandas DataFrame with columns
                stable sort by time keeps file order
 and, when the source has them, `rating` (float64) and `event` (str).
 
-Every reader only reads: raw files are never modified. Bad input raises `UserInputError` with a
-one-line message that names the file (and the line or column) and what is wrong.
+Each data format (recsys/data/formats.py) names its reader here; generated data come in the same
+table from recsys/data/synthetic.py. Every reader only reads: raw files are never modified. Bad
+input raises `UserInputError` with a one-line message that names the file (and the line or column)
+and what is wrong.
 """
 
 from __future__ import annotations
 
 import gzip
-import inspect
 import io
 import os
 from collections.abc import Mapping
@@ -23,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from recsys.data.synthetic import generate_sequences
 from recsys.errors import UserInputError
 
 CANONICAL_COLUMNS = ("user", "item", "timestamp", "rating", "event")
@@ -416,57 +416,3 @@ def read_taobao(path: str | os.PathLike) -> pd.DataFrame:
         )
     columns = {"user": "user", "item": "item", "event": "event", "timestamp": "timestamp"}
     return _typed_interactions(frame, path, columns, first_data_line=1)
-
-
-# --- synthetic data ---------------------------------------------------------------------------------
-
-
-def synthetic_interactions(
-    num_users: int = 200,
-    num_items: int = 50,
-    min_length: int = 5,
-    max_length: int = 20,
-    follow_probability: float = 0.8,
-    seed: int = 0,
-    popularity_exponent: float = 0.0,
-    length_distribution: str = "uniform",
-    mean_length: float | None = None,
-    length_sigma: float = 1.0,
-    repeat_probability: float = 0.0,
-    **unknown,
-) -> pd.DataFrame:
-    """Generated data with sequential structure a model can learn (`data.format: synthetic`).
-
-    Items lie on a hidden random cycle; each next item is the successor of the previous one on that
-    cycle with `follow_probability`, otherwise a random item. A sequential model can learn the
-    cycle, a popularity model cannot, so tests can check that training helps. The defaults are the
-    small test set (uniform lengths and popularity); `configs/data/synthetic_large.yaml` sets Zipf
-    popularity and log-normal lengths. See `recsys.data.synthetic.generate_sequences` for the
-    arguments. Users are 1..num_users, items 1..num_items, timestamps the positions 0..len-1.
-    """
-    if unknown:
-        raise UserInputError(
-            f"data.synthetic.{sorted(unknown)[0]}: unknown key; allowed keys are "
-            f"{sorted(set(inspect.signature(synthetic_interactions).parameters) - {'unknown'})}"
-        )
-    offsets, items = generate_sequences(
-        num_users=num_users,
-        num_items=num_items,
-        min_length=min_length,
-        max_length=max_length,
-        mean_length=mean_length,
-        length_sigma=length_sigma,
-        length_distribution=length_distribution,
-        popularity_exponent=popularity_exponent,
-        follow_probability=follow_probability,
-        repeat_probability=repeat_probability,
-        seed=seed,
-    )
-    lengths = np.diff(offsets)
-    return pd.DataFrame(
-        {
-            "user": np.repeat(np.arange(1, len(lengths) + 1, dtype=np.int64), lengths),
-            "item": items,
-            "timestamp": np.arange(len(items), dtype=np.int64) - np.repeat(offsets[:-1], lengths),
-        }
-    )

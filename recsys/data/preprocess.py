@@ -8,25 +8,21 @@
 The leave-one-out split is implicit in the CSR layout: for user u with events
 items[offsets[u]:offsets[u+1]], the last is the test target, the one before the validation target,
 and everything before that is training history. With event types and data.target_events the
-targets are the user's last two events of those types instead (recsys/data/datamodule.py).
+targets are the user's last two events of those types instead (recsys/data/split.py).
 
 Event types (browse vs buy): with data.event_types set, the source's event column becomes one small
 integer per event (1..E in the order of event_types; 0 is padding), kept with the timestamps beside
 the items. keep_events drops the other types *after* the item ids are assigned, so a model that sees
 only purchases ranks the very same catalogue as one that sees every view.
 
-The result is cached as one .npz file named by a fingerprint of the source files' bytes and every
-setting that changes the result; it is written to a temporary file and renamed into place, so a
-crashed or concurrent run never leaves a half-written cache behind.
+The interactions table comes from the format's reader (recsys/data/formats.py); the result is
+cached under a fingerprint of the source and of these settings (recsys/data/cache.py).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,8 +30,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from recsys.data import loaders
 from recsys.errors import UserInputError
+from recsys.runs.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +41,6 @@ log = logging.getLogger(__name__)
 PREPROCESS_VERSION = 1
 # The protocol needs a training item, a validation target and a test target (data.min_history).
 MIN_HISTORY = 3
-FORMATS = (
-    "auto",
-    "sequence",
-    "movielens",
-    "interactions",
-    "synthetic",
-    "retailrocket",
-    "retailrocket_raw",
-    "taobao",
-)
 TIME_ORDERS = ("sort", "error")
 
 
@@ -105,31 +91,20 @@ class SequenceData:
         return self.items[self.offsets[user] : self.offsets[user + 1]]
 
     def save(self, path: Path) -> None:
-        """Write atomically: a temporary file in the same directory, then a rename."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".tmp", delete=False)
-        try:
-            with handle:
-                extra = {}
-                if self.has_events:
-                    extra = {
-                        "events": self.events,
-                        "event_names": self.event_names,
-                        "timestamps": self.timestamps,
-                    }
-                np.savez(
-                    handle,
-                    offsets=self.offsets,
-                    items=self.items,
-                    user_ids=self.user_ids,
-                    item_ids=self.item_ids,
-                    meta=np.asarray(json.dumps({"fingerprint": self.fingerprint, "stats": self.stats})),
-                    **extra,
-                )
-            os.replace(handle.name, path)
-        except BaseException:
-            Path(handle.name).unlink(missing_ok=True)
-            raise
+        """Write atomically (recsys.runs.files.atomic_path): readers never see a part of the file."""
+        extra = {}
+        if self.has_events:
+            extra = {"events": self.events, "event_names": self.event_names, "timestamps": self.timestamps}
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+            np.savez(
+                handle,
+                offsets=self.offsets,
+                items=self.items,
+                user_ids=self.user_ids,
+                item_ids=self.item_ids,
+                meta=np.asarray(json.dumps({"fingerprint": self.fingerprint, "stats": self.stats})),
+                **extra,
+            )
 
     @classmethod
     def load(cls, path: Path) -> SequenceData:
@@ -422,114 +397,3 @@ def _kcore_mask(users, items, min_user: int, min_item: int, iterative: bool) -> 
             keep &= user_counts[user_codes] >= min_user
         if not iterative or int(keep.sum()) == before:
             return keep
-
-
-# --- sources, fingerprints and the cache --------------------------------------------------------
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def resolve_format(data_format: str, path: str | None) -> str:
-    if data_format not in FORMATS:
-        raise UserInputError(f"data.format: {data_format!r} is not one of {list(FORMATS)}")
-    if data_format != "auto":
-        return data_format
-    if path is None:
-        raise UserInputError("data.path: required unless data.format is 'synthetic'")
-    if loaders.movielens_layout(path):
-        return "movielens"
-    suffixes = [s.lower() for s in Path(path).suffixes if s.lower() != ".gz"]
-    if suffixes and suffixes[-1] in (".csv", ".tsv", ".parquet", ".pq"):
-        return "interactions"
-    return "sequence"
-
-
-def load_interactions(
-    data_format: str,
-    path: str | None,
-    columns: dict | None = None,
-    sep: str = ",",
-    synthetic: dict | None = None,
-    test_path: str | None = None,
-) -> pd.DataFrame:
-    data_format = resolve_format(data_format, path)
-    if data_format == "synthetic":
-        return loaders.synthetic_interactions(**(synthetic or {}))
-    if path is None:
-        raise UserInputError(f"data.path: required for data.format={data_format!r}")
-    if test_path is not None and data_format != "retailrocket":
-        raise UserInputError(f"data.test_path: only data.format=retailrocket reads one, not {data_format!r}")
-    if data_format == "sequence":
-        return loaders.read_sequence_file(path)
-    if data_format == "movielens":
-        return loaders.read_movielens(path)
-    if data_format == "retailrocket":
-        return loaders.read_retailrocket(path, test_path)
-    if data_format == "retailrocket_raw":
-        return loaders.read_retailrocket_raw(path)
-    if data_format == "taobao":
-        return loaders.read_taobao(path)
-    if not columns:
-        raise UserInputError(f"data.columns: required to read {path} as an interactions file")
-    return loaders.read_interactions_file(path, columns, sep=sep)
-
-
-def fingerprint(source: dict[str, Any], settings: PreprocessSettings) -> str:
-    """Hash of the source file's bytes (not its name or time) and of every setting that matters."""
-    described = dict(source)
-    path = described.pop("path", None)
-    test_path = described.pop("test_path", None)
-    if described.get("format") != "synthetic":
-        described["sha256"] = file_sha256(loaders.check_readable(path))
-    if test_path is not None:
-        described["test_sha256"] = file_sha256(loaders.check_readable(test_path))
-    payload = {"version": PREPROCESS_VERSION, "source": described, "preprocess": settings.as_dict()}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def load_sequence_data(
-    name: str,
-    data_format: str,
-    path: str | None,
-    settings: PreprocessSettings,
-    cache_dir: str | os.PathLike | None,
-    columns: dict | None = None,
-    sep: str = ",",
-    synthetic: dict | None = None,
-    test_path: str | None = None,
-) -> SequenceData:
-    """Read, preprocess and cache; a second call with the same inputs reads the cache."""
-    resolved = resolve_format(data_format, path)
-    source: dict[str, Any] = {"format": resolved, "path": path}
-    if test_path is not None:
-        source["test_path"] = test_path
-    if resolved == "interactions":
-        source.update(columns=dict(columns or {}), sep=sep)
-    if resolved == "synthetic":
-        source.update(synthetic=dict(synthetic or {}))
-    key = fingerprint(source, settings)
-    cache_file = Path(cache_dir) / f"{name}-{key[:20]}.npz" if cache_dir else None
-    if cache_file is not None and cache_file.exists():
-        try:
-            data = SequenceData.load(cache_file)
-            if data.fingerprint == key:
-                log.info("data %s: read cache %s", name, cache_file)
-                return data
-        except (OSError, ValueError, KeyError) as err:  # an unreadable cache is rebuilt, not fatal
-            log.warning("data %s: ignoring unreadable cache %s (%s)", name, cache_file, err)
-
-    interactions = load_interactions(
-        resolved, path, columns=columns, sep=sep, synthetic=synthetic, test_path=test_path
-    )
-    data = preprocess(interactions, settings, source=str(path) if path else name)
-    data.fingerprint = key
-    log.info("data %s: %s", name, data.stats)
-    if cache_file is not None:
-        data.save(cache_file)
-    return data

@@ -43,16 +43,20 @@ the 10M cumulative weights (80 MB each) and two int64 arrays per event.
 The result depends only on the arguments (including `seed`) and the numpy version (numpy keeps its
 random streams stable across releases for most, not all, methods), not on the platform or threads.
 
-Bad arguments raise `UserInputError` naming the config key `data.synthetic.<argument>` (the
-`format: synthetic` data configs pass these arguments from that key).
+`synthetic_interactions` is the `data.format: synthetic` reader: the same sequences as the canonical
+interactions table of recsys/data/loaders.py. Bad arguments raise `UserInputError` naming the config
+key `data.synthetic.<argument>` (the `format: synthetic` data configs pass these arguments from that
+key).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 
 import numpy as np
+import pandas as pd
 
 from recsys.errors import UserInputError
 
@@ -143,6 +147,57 @@ def generate_sequences(
     if repeat_probability > 0.0:  # no draw at 0: the arrays stay those of earlier releases
         items = items[_repeat_sources(rng, offsets, repeat_probability)]
     return offsets, items
+
+
+def synthetic_interactions(
+    num_users: int = 200,
+    num_items: int = 50,
+    min_length: int = 5,
+    max_length: int = 20,
+    follow_probability: float = 0.8,
+    seed: int = 0,
+    popularity_exponent: float = 0.0,
+    length_distribution: str = "uniform",
+    mean_length: float | None = None,
+    length_sigma: float = 1.0,
+    repeat_probability: float = 0.0,
+    **unknown,
+) -> pd.DataFrame:
+    """Generated data with sequential structure a model can learn (`data.format: synthetic`).
+
+    Items lie on a hidden random cycle; each next item is the successor of the previous one on that
+    cycle with `follow_probability`, otherwise a random item. A sequential model can learn the
+    cycle, a popularity model cannot, so tests can check that training helps. The defaults are the
+    small test set (uniform lengths and popularity); `configs/data/synthetic_large.yaml` sets Zipf
+    popularity and log-normal lengths. See `recsys.data.synthetic.generate_sequences` for the
+    arguments. Users are 1..num_users, items 1..num_items, timestamps the positions 0..len-1.
+    """
+    if unknown:
+        raise UserInputError(
+            f"data.synthetic.{sorted(unknown)[0]}: unknown key; allowed keys are "
+            f"{sorted(set(inspect.signature(synthetic_interactions).parameters) - {'unknown'})}"
+        )
+    offsets, items = generate_sequences(
+        num_users=num_users,
+        num_items=num_items,
+        min_length=min_length,
+        max_length=max_length,
+        mean_length=mean_length,
+        length_sigma=length_sigma,
+        length_distribution=length_distribution,
+        popularity_exponent=popularity_exponent,
+        follow_probability=follow_probability,
+        repeat_probability=repeat_probability,
+        seed=seed,
+    )
+    lengths = np.diff(offsets)
+    return pd.DataFrame(
+        {
+            "user": np.repeat(np.arange(1, len(lengths) + 1, dtype=np.int64), lengths),
+            "item": items,
+            "timestamp": np.arange(len(items), dtype=np.int64) - np.repeat(offsets[:-1], lengths),
+        }
+    )
 
 
 def _repeat_sources(rng: np.random.Generator, offsets: np.ndarray, probability: float) -> np.ndarray:

@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from recsys.data import loaders
-from recsys.data.preprocess import load_interactions, resolve_format
+from recsys.data.formats import resolve_format
 from recsys.errors import UserInputError
 
 
@@ -121,18 +121,3 @@ def test_interactions_bad_timestamp_names_line(write_file):
     path = write_file("e.csv", "user,item,ts\n1,2,5\n1,3,not-a-time\n")
     with pytest.raises(UserInputError, match=r"e\.csv:3: malformed row: column 'ts'"):
         loaders.read_interactions_file(path, {"user": "user", "item": "item", "timestamp": "ts"})
-
-
-def test_synthetic_is_deterministic_and_learnable():
-    a = loaders.synthetic_interactions(num_users=20, num_items=10, seed=3)
-    b = loaders.synthetic_interactions(num_users=20, num_items=10, seed=3)
-    pd.testing.assert_frame_equal(a, b)
-    assert a["item"].between(1, 10).all()
-
-
-def test_load_interactions_requires_columns_for_generic_files(write_file):
-    path = write_file("e.csv", "user,item\n1,2\n")
-    with pytest.raises(UserInputError, match="data.columns: required"):
-        load_interactions("interactions", str(path))
-    with pytest.raises(UserInputError, match="data.format: 'xml' is not one of"):
-        load_interactions("xml", str(path))

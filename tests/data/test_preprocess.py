@@ -1,8 +1,12 @@
+from collections import Counter
+
 import numpy as np
 import pandas as pd
 import pytest
 
-from recsys.data.preprocess import PreprocessSettings, SequenceData, load_sequence_data, preprocess
+from recsys.data.cache import load_sequence_data
+from recsys.data.formats import Source
+from recsys.data.preprocess import PreprocessSettings, SequenceData, preprocess
 from recsys.errors import UserInputError
 
 
@@ -33,28 +37,56 @@ def test_short_users_dropped_and_counted():
     assert data.stats["dropped_short_users"] == 1
 
 
-def brute_force_kcore(rows, k_user, k_item):
+def plain_kcore(rows, k_user, k_item, iterative=True, min_history=3):
+    """The (user, item, time) rows that survive, in plain Python: items with fewer than k_item rows
+    dropped, then users with fewer than k_user, repeated until nothing changes (once when not
+    iterative); then the users left with fewer than min_history rows."""
     rows = list(rows)
     while True:
-        users = pd.Series([r[0] for r in rows]).value_counts()
-        items = pd.Series([r[1] for r in rows]).value_counts()
-        kept = [r for r in rows if items[r[1]] >= k_item and users[r[0]] >= k_user]
-        if len(kept) == len(rows):
-            return kept
+        item_counts = Counter(item for _, item, _ in rows)
+        kept = [row for row in rows if item_counts[row[1]] >= k_item]
+        user_counts = Counter(user for user, _, _ in kept)
+        kept = [row for row in kept if user_counts[row[0]] >= k_user]
+        if not iterative or len(kept) == len(rows):
+            break
         rows = kept
+    user_counts = Counter(user for user, _, _ in kept)
+    return [row for row in kept if user_counts[row[0]] >= min_history]
 
 
-def test_iterative_kcore_matches_brute_force():
-    rng = np.random.default_rng(0)
+def plain_sequences(rows):
+    """{user: its items in time order, ties in file order}."""
+    sequences = {}
+    for user, item, _ in sorted(rows, key=lambda row: row[2]):  # sorted() is stable
+        sequences.setdefault(user, []).append(item)
+    return sequences
+
+
+def sequences_of(data):
+    return {data.user_ids[u].item(): data.item_ids[data.history(u)].tolist() for u in range(data.num_users)}
+
+
+@pytest.mark.parametrize("iterative", [True, False])
+@pytest.mark.parametrize("seed", range(4))
+def test_kcore_keeps_the_very_rows_of_a_plain_python_kcore(seed, iterative):
+    rng = np.random.default_rng(seed)
+    # k_user = 2 leaves users with 2 rows, which the protocol's minimum of 3 then drops.
+    k_user, k_item = (2, 3, 4, 6)[seed], int(rng.integers(2, 7))
+    # 150 sparse users: dropping users drops items below k_item, so iterating changes the result;
+    # times with ties, kept in file order.
     rows = [
-        (int(u), int(i), t) for t, (u, i) in enumerate(zip(rng.integers(0, 60, 800), rng.zipf(1.5, 800) % 80))
+        (int(u), int(i), int(t))
+        for u, i, t in zip(rng.integers(0, 150, 800), rng.zipf(1.5, 800) % 80, rng.integers(0, 100, 800))
     ]
-    expected = brute_force_kcore(rows, 5, 5)
-    data = preprocess(frame(rows), PreprocessSettings(min_user_interactions=5, min_item_interactions=5))
-    assert len(data.items) == len(expected)
-    lengths = data.lengths
-    counts = np.bincount(data.items)[1:]
-    assert lengths.min() >= 5 and counts.min() >= 5
+    expected = plain_kcore(rows, k_user, k_item, iterative)
+    assert 0 < len(expected) < len(rows)  # the filter bites, and something is left
+    settings = PreprocessSettings(
+        min_user_interactions=k_user, min_item_interactions=k_item, kcore_iterative=iterative
+    )
+    data = preprocess(frame(rows), settings)
+    assert sequences_of(data) == plain_sequences(expected)
+    # Item ids: exactly the surviving items, sorted, after the padding entry.
+    assert data.item_ids.tolist()[1:] == sorted({item for _, item, _ in expected})
 
 
 def test_single_pass_item_filter():
@@ -83,20 +115,20 @@ def test_cache_roundtrip_atomic_and_keyed_by_content(tmp_path, write_file):
     source = write_file("seq.txt", "1 1 2 3 4\n2 2 3 4 5\n")
     raw_bytes = source.read_bytes()
     cache = tmp_path / "cache"
-    first = load_sequence_data("toy", "sequence", str(source), PreprocessSettings(), cache)
+    first = load_sequence_data("toy", Source("sequence", str(source)), PreprocessSettings(), cache)
     files = list(cache.iterdir())
     assert len(files) == 1 and files[0].suffix == ".npz"  # no temporary left behind
-    second = load_sequence_data("toy", "sequence", str(source), PreprocessSettings(), cache)
+    second = load_sequence_data("toy", Source("sequence", str(source)), PreprocessSettings(), cache)
     assert second.fingerprint == first.fingerprint
     np.testing.assert_array_equal(second.items, first.items)
     assert source.read_bytes() == raw_bytes  # raw data is never modified
 
     other = load_sequence_data(
-        "toy", "sequence", str(source), PreprocessSettings(min_item_interactions=2), cache
+        "toy", Source("sequence", str(source)), PreprocessSettings(min_item_interactions=2), cache
     )
     assert other.fingerprint != first.fingerprint
     source.write_text("1 1 2 3 4\n2 2 3 4 6\n")
-    changed = load_sequence_data("toy", "sequence", str(source), PreprocessSettings(), cache)
+    changed = load_sequence_data("toy", Source("sequence", str(source)), PreprocessSettings(), cache)
     assert changed.fingerprint != first.fingerprint
 
 
@@ -113,5 +145,5 @@ def test_shipped_beauty_statistics():
     from pathlib import Path
 
     path = Path(__file__).parents[2] / "data" / "amazon_beauty" / "Beauty.txt.gz"
-    data = load_sequence_data("beauty", "sequence", str(path), PreprocessSettings(), None)
+    data = load_sequence_data("beauty", Source("sequence", str(path)), PreprocessSettings(), None)
     assert (data.num_users, data.num_items, len(data.items)) == (22363, 12101, 198502)

@@ -4,12 +4,12 @@ a successor structure a sequential model can learn."""
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from recsys.data import loaders
-from recsys.data.preprocess import load_interactions
-from recsys.data.synthetic import generate_sequences, hidden_successors, zipf_ranks
+from recsys.data.formats import Source, read_interactions
+from recsys.data.synthetic import generate_sequences, hidden_successors, synthetic_interactions, zipf_ranks
 from recsys.errors import UserInputError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -117,7 +117,7 @@ def test_next_item_is_the_hidden_successor_with_follow_probability(follow, expon
 
 
 def test_wrapper_builds_the_interactions_frame():
-    frame = loaders.synthetic_interactions(num_users=30, num_items=12, seed=9)
+    frame = synthetic_interactions(num_users=30, num_items=12, seed=9)
     offsets, items = generate_sequences(
         30,
         12,
@@ -133,16 +133,23 @@ def test_wrapper_builds_the_interactions_frame():
     np.testing.assert_array_equal(frame["user"].to_numpy(), np.repeat(np.arange(1, 31), lengths))
     assert frame.groupby("user")["timestamp"].apply(list).tolist() == [list(range(n)) for n in lengths]
     # The new keys pass through.
-    zipf = loaders.synthetic_interactions(
+    zipf = synthetic_interactions(
         num_users=30, num_items=12, popularity_exponent=1.0, length_distribution="lognormal"
     )
     assert zipf["item"].between(1, 12).all()
 
 
+def test_synthetic_is_deterministic_and_learnable():
+    a = synthetic_interactions(num_users=20, num_items=10, seed=3)
+    b = synthetic_interactions(num_users=20, num_items=10, seed=3)
+    pd.testing.assert_frame_equal(a, b)
+    assert a["item"].between(1, 10).all()
+
+
 def test_large_config_keys_are_accepted():
     keys = OmegaConf.to_container(OmegaConf.load(CONFIGS / "data" / "synthetic_large.yaml").synthetic)
     assert keys["num_items"] == 100_000 and keys["popularity_exponent"] == 1.0
-    frame = loaders.synthetic_interactions(**{**keys, "num_users": 50})
+    frame = synthetic_interactions(**{**keys, "num_users": 50})
     assert frame["user"].nunique() == 50 and frame["item"].between(1, 100_000).all()
 
 
@@ -169,7 +176,7 @@ def test_large_config_keys_are_accepted():
 )
 def test_bad_parameters_name_the_key(bad, message):
     with pytest.raises(UserInputError, match=message) as caught:
-        load_interactions("synthetic", None, synthetic={"length_distribution": "lognormal", **bad})
+        read_interactions(Source("synthetic", synthetic={"length_distribution": "lognormal", **bad}))
     assert "\n" not in str(caught.value)
 
 

@@ -1,0 +1,180 @@
+"""The evaluation protocol: which event of each user is predicted on validation and test, and where
+their training part ends.
+
+Leave-one-out (`EventSplit`, the protocol of every data config today): a user's last event is the
+test target, the one before it the validation target, and everything before that is training
+history. With event types and `data.target_events` (browse vs buy) the split follows those types: a
+user's test target is their last event of a target type and the validation target the one before
+it; the history is the full mixed sequence before each, and training batches carry `target_mask`,
+true where the next event is of a target type, so that only those positions enter the loss.
+
+A split is anything with the attributes of `Split` (positions index the data's CSR arrays). The data
+module, the results and the recommender read only these, so a second protocol (a global time split:
+the targets are the events after a cut-off time) can sit beside `EventSplit` as another class that
+fills them in, and `protocol_text` says in words which one was used (for metrics.json).
+
+Seen items (`evaluation.seen_items`, see recsys/evaluation/metrics.py): `exclude` removes them from the
+ranking and leaves out of the split each user whose target is one of them (counted:
+`evaluation_counts`); `keep` excludes nothing and evaluates every user; `exclude_but_target`
+excludes them but keeps a seen target as a candidate (leaks the answer; for comparisons only).
+`data.exclude_events` says which items count as seen: those of the history's events of these
+types (default: every earlier item; for next-purchase, previously *bought* items only, since
+customers buy what they viewed).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import numpy as np
+
+from recsys.data.preprocess import SequenceData
+from recsys.errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+# The evaluation splits a data module serves.
+SPLITS = ("val", "test")
+
+
+class Split(Protocol):
+    """What a protocol decides for each user (positions index the data's CSR arrays; -1: none)."""
+
+    # (num_events,) bool: the event is of a target type (None: every event is a target).
+    is_target: np.ndarray | None
+    val_pos: np.ndarray  # (num_users,) the validation target
+    test_pos: np.ndarray  # (num_users,) the test target
+    train_end: np.ndarray  # (num_users,) training uses the user's events before this position
+    skipped_users: int  # users with nothing to predict
+
+    def targets(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """(users, target positions) of the users evaluable on `split`, users ascending."""
+        ...
+
+
+class EventSplit:
+    """Where each user's validation and test targets are, and where their training part ends.
+
+    Without target types (plain leave-one-out): the last event is the test target, the one before
+    it the validation target. With target types: the user's last and second-to-last events of
+    those types. Positions index the data's CSR arrays; -1 means none (a user with a single target
+    event is tested but not validated; one with none is skipped). A target needs at least one
+    event before it to be evaluated.
+    """
+
+    def __init__(self, data: SequenceData, target_codes: list[int] | None):
+        starts, ends = data.offsets[:-1], data.offsets[1:]
+        self.is_target = None if target_codes is None else np.isin(data.events, target_codes)
+        if self.is_target is None:
+            self.test_pos = ends - 1
+            self.val_pos = ends - 2
+        else:
+            positions = np.flatnonzero(self.is_target)
+            owner = np.searchsorted(ends, positions, side="right")  # user of each target event
+            self.test_pos = np.full(data.num_users, -1, dtype=np.int64)
+            np.maximum.at(self.test_pos, owner, positions)
+            self.val_pos = np.full(data.num_users, -1, dtype=np.int64)
+            earlier = positions < self.test_pos[owner]
+            np.maximum.at(self.val_pos, owner[earlier], positions[earlier])
+        self.skipped_users = int((self.test_pos < 0).sum())  # users with no target event
+        # Training uses everything before the validation target (or the test target, for a user
+        # without one): no target is ever trained on.
+        train_end = np.where(self.val_pos >= 0, self.val_pos, self.test_pos)
+        self.train_end = np.where(train_end >= 0, train_end, starts)
+        self.starts = starts
+
+    def targets(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """(users, target positions) of the users evaluable on `split`, users ascending."""
+        positions = self.val_pos if split == "val" else self.test_pos
+        users = np.flatnonzero(positions > self.starts)  # -1 < start; a target needs a history
+        return users, positions[users]
+
+
+def check_event_keys(event_types, keep_events, target_events, exclude_events) -> None:
+    """The data keys that choose targets and seen items by event type, checked against the others
+    (PreprocessSettings checks event_types, event_map and keep_events themselves)."""
+    for key, value in (("target_events", target_events), ("exclude_events", exclude_events)):
+        if value is not None and event_types is None:
+            raise UserInputError(f"data.{key}: needs data.event_types (the event names the data holds)")
+    if target_events is not None and len(target_events) == 0:
+        raise UserInputError("data.target_events: an empty list predicts nothing; use null for every event")
+    if target_events is not None and keep_events is not None:
+        dropped = [name for name in target_events if name not in keep_events]
+        if dropped:
+            raise UserInputError(
+                f"data.target_events: {dropped} would be dropped by data.keep_events {list(keep_events)}"
+            )
+
+
+def target_codes(data: SequenceData, target_events: list[str] | None, name: str) -> list[int] | None:
+    """The type ids of data.target_events (None: every event is a target), each checked to occur in
+    data set `name`."""
+    if target_events is None:
+        return None
+    codes = data.event_ids(target_events, "data.target_events")
+    present = set(np.unique(data.events).tolist())
+    absent = [n for n, c in zip(target_events, codes) if c not in present]
+    if absent:
+        raise UserInputError(f"data.target_events: {absent} never occur in data {name}")
+    return codes
+
+
+def protocol_text(target_events: list[str] | None, exclude_events: list[str] | None, seen_items: str) -> str:
+    """The evaluation protocol in words, for metrics.json."""
+    if target_events is None:
+        target = "leave-one-out"
+    else:
+        target = f"next {'/'.join(target_events)} event from the full history before it"
+    if exclude_events is None:
+        seen = "seen items"
+    elif not exclude_events:
+        seen = "no items"  # nothing counts as seen: the same as keeping them
+    else:
+        seen = f"items of earlier {'/'.join(exclude_events)} events"
+    rule = {
+        "exclude": f"{seen} excluded, users whose target is one of them left out",
+        "keep": "seen items kept (repeats ranked)",
+        "exclude_but_target": f"{seen} excluded but a seen target kept (leaks repeat targets)",
+    }[seen_items]
+    return f"{target}, full ranking, {rule}, pessimistic ties"
+
+
+def training_item_counts(data: SequenceData, split: Split) -> np.ndarray:
+    """(num_items + 1,) int64: how often each item occurs in the training part of the histories
+    (with target types, only in events of those types); index = item id, 0 = padding."""
+    lengths = np.diff(data.offsets)
+    position = np.arange(len(data.items))
+    in_train = position < np.repeat(split.train_end, lengths)
+    if split.is_target is not None:
+        in_train &= split.is_target
+    counts = np.bincount(data.items[in_train], minlength=data.num_items + 1)
+    return counts.astype(np.int64)
+
+
+def leave_out_seen_targets(
+    users: np.ndarray, positions: np.ndarray, repeat: np.ndarray, seen_items: str, split: str, name: str
+) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """The users (and target positions) evaluated on `split` of data set `name` once, under
+    evaluation.seen_items=exclude, those whose target is a seen item (`repeat`) are left out; and
+    the counts for metrics.json (see SequenceDataModule.evaluation_counts)."""
+    repeats = int(repeat.sum())
+    left_out = repeats if seen_items == "exclude" else 0
+    if left_out:
+        log.info(
+            "data %s: %d of %d %s users (%.1f%%) left out: their target is an item they had seen "
+            "(evaluation.seen_items=exclude; keep ranks them)",
+            name,
+            left_out,
+            len(users),
+            split,
+            100.0 * left_out / len(users),
+        )
+        users, positions = users[~repeat], positions[~repeat]
+    counts = {
+        f"{split}/users": len(users),
+        f"{split}/repeat_targets": repeats,
+        f"{split}/repeat_target_share": repeats / max(len(users) + left_out, 1),
+        f"{split}/users_left_out": left_out,
+    }
+    return users, positions, counts
