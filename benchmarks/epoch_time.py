@@ -22,11 +22,13 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.profilers import SimpleProfiler
 
-from recsys.callbacks import EpochTimer
 from recsys.data import SequenceDataModule
-from recsys.hardware import check_precision, maybe_compile, uses_cuda
 from recsys.losses import FullCrossEntropy
+from recsys.models.network import DataInfo
 from recsys.models.sasrec import SASRec
+from recsys.training.callbacks import EpochTimer
+from recsys.training.hardware import check_precision, maybe_compile, uses_cuda
+from recsys.training.module import SequentialRecommender
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,15 +72,16 @@ def main() -> None:
     )
     datamodule.setup()
     windows = datamodule.train_windows()
-    model = SASRec(
-        datamodule.num_items,
+    network = SASRec(
+        DataInfo(datamodule.num_items),
         max_len=args.max_len,
         dim=args.dim,
         num_blocks=args.blocks,
         dropout=args.dropout,
-        loss=FullCrossEntropy(chunk_size=args.chunk_size or None, fused=args.fused),
     )
-    compiled = maybe_compile(model, args.compile, "cuda" if uses_cuda(args.accelerator) else "cpu")
+    loss = FullCrossEntropy(chunk_size=args.chunk_size or None, fused=args.fused)
+    model = SequentialRecommender(network, loss=loss)
+    compiled = maybe_compile(network, args.compile, "cuda" if uses_cuda(args.accelerator) else "cpu")
     timer = EpochTimer()
     trainer = pl.Trainer(
         accelerator=args.accelerator,

@@ -24,8 +24,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from recsys.callbacks import EpochTimer
-from recsys.models.from_config import build_model, check_model_config
+from recsys.models.from_config import build_model, check_model_config, data_info
+from recsys.training.callbacks import EpochTimer
 
 ROOT = Path(__file__).resolve().parents[1]
 OmegaConf.register_new_resolver("project_root", lambda: str(ROOT), replace=True)
@@ -45,7 +45,7 @@ def main() -> None:
     datamodule = instantiate(cfg.data)
     datamodule.setup()
     pl.seed_everything(cfg.seed, verbose=False)
-    model = build_model(cfg, datamodule)
+    model = build_model(cfg, data_info(datamodule))
     timer = EpochTimer()
     trainer = pl.Trainer(
         accelerator=cfg.trainer.accelerator,

@@ -4,7 +4,7 @@
         [--batches 1 256 --runtimes eager torchscript onnxruntime --repeats 100 --warmup 10]
 
 Builds a model of the Amazon Beauty size (12,101 items, 50 positions, d = 64, 2 blocks) with
-random weights (latency does not depend on what was learned), wraps it in `recsys.export.TopKScorer`
+random weights (latency does not depend on what was learned), wraps it in `recsys.serving.export.TopKScorer`
 (history (B, max_len) -> top-k scores and items, seen items excluded) and exports it with
 `export_torchscript` / `export_onnx` into a temporary directory. For each runtime and batch size it
 times one request, one call on a batch of B right-padded histories of random lengths 1..max_len,
@@ -33,20 +33,21 @@ import onnxruntime
 import torch
 from report import emit, pick_device, timed
 
-from recsys.export import TopKScorer, export_onnx, export_torchscript
 from recsys.models.bert4rec import BERT4Rec
 from recsys.models.gru4rec import GRU4Rec
+from recsys.models.network import DataInfo
 from recsys.models.sasrec import SASRec
+from recsys.serving.export import TopKScorer, export_onnx, export_torchscript
 
 RUNTIMES = ("eager", "torchscript", "onnxruntime")
 
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
     if args.model == "sasrec":
-        return SASRec(args.items, max_len=args.max_len, dim=args.dim, num_blocks=args.blocks)
+        return SASRec(DataInfo(args.items), max_len=args.max_len, dim=args.dim, num_blocks=args.blocks)
     if args.model == "bert4rec":
-        return BERT4Rec(args.items, max_len=args.max_len, dim=args.dim, num_blocks=args.blocks)
-    return GRU4Rec(args.items, max_len=args.max_len, dim=args.dim)
+        return BERT4Rec(DataInfo(args.items), max_len=args.max_len, dim=args.dim, num_blocks=args.blocks)
+    return GRU4Rec(DataInfo(args.items), max_len=args.max_len, dim=args.dim)
 
 
 def busy_cpu_seconds() -> tuple[float, float, float] | None:

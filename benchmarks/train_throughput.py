@@ -27,10 +27,12 @@ from report import emit, peak_bf16_flops, peak_memory, reset_peak_memory, synchr
 from recsys.data import SequenceDataModule
 from recsys.data.preprocess import SequenceData
 from recsys.data.synthetic import generate_sequences
-from recsys.hardware import check_precision, maybe_compile
 from recsys.losses import FullCrossEntropy
 from recsys.models.bert4rec import BERT4Rec
+from recsys.models.network import DataInfo
 from recsys.models.sasrec import SASRec
+from recsys.training.hardware import check_precision, maybe_compile
+from recsys.training.module import SequentialRecommender
 
 
 class StepTimer(pl.Callback):
@@ -143,16 +145,16 @@ def main() -> None:
     )
     loss = FullCrossEntropy(item_chunk_size=args.item_chunk_size, fused=args.fused)
     model_class = SASRec if args.model == "sasrec" else BERT4Rec
-    model = model_class(
-        args.items,
+    network = model_class(
+        DataInfo(args.items),
         max_len=args.max_len,
         dim=args.dim,
         num_blocks=args.blocks,
         num_heads=args.heads,
         dropout=0.2,
-        loss=loss,
     )
-    masked_share = model.mask_prob if args.model == "bert4rec" else 1.0
+    model = SequentialRecommender(network, loss=loss)
+    masked_share = network.mask_prob if args.model == "bert4rec" else 1.0
     timer = StepTimer(args.warmup, args.warmup_epochs, args.steps)
     trainer = pl.Trainer(
         accelerator=args.accelerator,
@@ -168,7 +170,7 @@ def main() -> None:
         profiler=_profiler(args.profile),
     )
     device = trainer.strategy.root_device
-    compiled = maybe_compile(model, args.compile, device.type)
+    compiled = maybe_compile(network, args.compile, device.type)
     started = time.perf_counter()
     trainer.fit(model, datamodule=datamodule)
     total = time.perf_counter() - started

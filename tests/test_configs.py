@@ -3,12 +3,15 @@
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from recsys.data import SequenceDataModule
-from recsys.models.base import SequentialRecommender
+from recsys.models.from_config import build_model
+from recsys.models.network import DataInfo
+from recsys.training.module import SequentialRecommender
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 OmegaConf.register_new_resolver("project_root", lambda: str(CONFIGS.parent), replace=True)
@@ -37,8 +40,8 @@ def test_every_data_config_instantiates(data):
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_every_experiment_composes_and_builds_its_model(experiment):
     cfg = compose_train(f"experiment={experiment}")
-    data_derived = {"num_event_types": 3} if "num_event_types" in cfg.model else {}
-    model = instantiate(cfg.model, num_items=100, data_fingerprint="x", **data_derived)
+    data = DataInfo(1000, num_event_types=3, train_item_counts=torch.arange(1001), fingerprint="x")
+    model = build_model(cfg, data)
     assert isinstance(model, SequentialRecommender)
 
 

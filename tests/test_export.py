@@ -1,4 +1,4 @@
-"""recsys.export: the TorchScript and ONNX scorers give the Lightning model's top-K; files and errors."""
+"""recsys.serving.export: the TorchScript and ONNX scorers give the Lightning model's top-K; files and errors."""
 
 import json
 
@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from recsys.errors import UserInputError
-from recsys.export import (
+from recsys.evaluation.metrics import top_k_items
+from recsys.models.bert4rec import BERT4Rec
+from recsys.models.gru4rec import GRU4Rec
+from recsys.models.network import DataInfo
+from recsys.models.popular import MostPopular
+from recsys.models.sasrec import SASRec
+from recsys.serving.export import (
     DEFAULT_WIDTH,
     TopKScorer,
     export_model,
@@ -15,23 +21,17 @@ from recsys.export import (
     export_torchscript,
     write_item_mapping,
 )
-from recsys.metrics import top_k_items
-from recsys.models.base import SequentialRecommender
-from recsys.models.bert4rec import BERT4Rec
-from recsys.models.gru4rec import GRU4Rec
-from recsys.models.popular import MostPopular
-from recsys.models.sasrec import SASRec
 
 onnxruntime = pytest.importorskip("onnxruntime")
 
 NUM_ITEMS, MAX_LEN, K = 50, 8, 5
 
 MODELS = {
-    "sasrec": lambda: SASRec(NUM_ITEMS, max_len=MAX_LEN, dim=16),
-    "sasrec_from_end": lambda: SASRec(NUM_ITEMS, max_len=MAX_LEN, dim=16, positions_from_end=True),
-    "bert4rec": lambda: BERT4Rec(NUM_ITEMS, max_len=MAX_LEN, dim=16),
-    "gru4rec": lambda: GRU4Rec(NUM_ITEMS, max_len=MAX_LEN, dim=16),
-    "popular": lambda: MostPopular(NUM_ITEMS, item_counts=torch.arange(NUM_ITEMS + 1)),
+    "sasrec": lambda: SASRec(DataInfo(NUM_ITEMS), max_len=MAX_LEN, dim=16),
+    "sasrec_from_end": lambda: SASRec(DataInfo(NUM_ITEMS), max_len=MAX_LEN, dim=16, positions_from_end=True),
+    "bert4rec": lambda: BERT4Rec(DataInfo(NUM_ITEMS), max_len=MAX_LEN, dim=16),
+    "gru4rec": lambda: GRU4Rec(DataInfo(NUM_ITEMS), max_len=MAX_LEN, dim=16),
+    "popular": lambda: MostPopular(DataInfo(NUM_ITEMS, train_item_counts=torch.arange(NUM_ITEMS + 1))),
 }
 
 
@@ -194,10 +194,10 @@ def test_unknown_format_and_bad_arguments_are_user_errors(tmp_path):
 
 def test_models_that_do_not_score_by_dot_product_are_refused():
     class ScoresOnly(MostPopular):
-        user_vectors = SequentialRecommender.user_vectors  # not implemented: scores only
+        scores_by_dot_product = False  # declared: it overrides score instead
 
         def score(self, history):
             return self.item_counts.expand(history.size(0), -1)
 
     with pytest.raises(UserInputError, match="export: ScoresOnly does not score items by dot product"):
-        TopKScorer(ScoresOnly(NUM_ITEMS), K)
+        TopKScorer(ScoresOnly(DataInfo(NUM_ITEMS)), K)

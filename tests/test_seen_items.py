@@ -13,18 +13,16 @@ import torch
 from recsys.data.datamodule import SequenceDataModule
 from recsys.data.synthetic import generate_sequences
 from recsys.errors import UserInputError
-from recsys.metrics import SEEN_ITEMS, metrics_from_ranks
-from recsys.models.base import SequentialRecommender
+from recsys.evaluation.metrics import SEEN_ITEMS, metrics_from_ranks
+from recsys.models.network import DataInfo, SequenceNetwork
+from recsys.training.module import SequentialRecommender
 
 NUM_ITEMS = 40
 
 
-class RecencyScorer(SequentialRecommender):
-    uses_loss = False
-
-    def __init__(self, num_items: int):
-        super().__init__(num_items, ks=(1, 10))
-        self.anchor = torch.nn.Parameter(torch.zeros(1))  # Lightning wants a parameter
+class RecencyScorer(SequenceNetwork):
+    trainable = False
+    scores_by_dot_product = False
 
     def score(self, history: torch.Tensor, **features) -> torch.Tensor:
         scores = torch.zeros(history.size(0), self.num_items + 1)
@@ -103,7 +101,7 @@ def test_the_generator_plants_repeats_only_when_asked(tmp_path):
 def test_recency_scorer_gains_nothing_from_repeats_under_exclude(tmp_path, seen_items):
     path, offsets, items = sequence_file(tmp_path, repeat_probability=0.5)
     dm = datamodule(tmp_path, path, seen_items)
-    model = RecencyScorer(NUM_ITEMS)
+    model = SequentialRecommender(RecencyScorer(DataInfo(NUM_ITEMS), max_len=50), ks=(1, 10))
     trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
     results = trainer.test(model, datamodule=dm, verbose=False)[0]
 

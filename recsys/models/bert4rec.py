@@ -18,24 +18,21 @@ target type are hidden (never a window's first item, which no model predicts).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from recsys.errors import UserInputError
-from recsys.losses import FullCrossEntropy
-from recsys.metrics import DEFAULT_KS
-from recsys.models.base import SequentialRecommender, flat_positions, position_ids
-from recsys.models.events import BehaviourEmbedding, keep_last_positions
+from recsys.models.events import BehaviourEmbedding
+from recsys.models.network import DataInfo, SequenceNetwork, flat_positions, keep_last_positions, position_ids
 from recsys.models.transformer import TransformerBlock, init_weights
 
 
-class BERT4Rec(SequentialRecommender):
+class BERT4Rec(SequenceNetwork):
     @classmethod
-    def check_options(cls, options: Mapping[str, Any], loss: nn.Module | None) -> None:
-        super().check_options(options, loss)
+    def check_options(cls, options: Mapping[str, Any]) -> None:
         mask_prob = options.get("mask_prob", 0.2)
         if not 0.0 < mask_prob < 1.0:
             raise UserInputError(
@@ -50,7 +47,7 @@ class BERT4Rec(SequentialRecommender):
 
     def __init__(
         self,
-        num_items: int,
+        data: DataInfo,
         max_len: int = 50,
         dim: int = 64,
         num_blocks: int = 2,
@@ -67,32 +64,12 @@ class BERT4Rec(SequentialRecommender):
         positions_from_end: bool = False,
         head_transform: bool = False,
         item_bias: bool = False,
-        num_event_types: int = 0,
         event_embedding: bool = False,
         time_gaps: bool = False,
-        loss: nn.Module | None = None,
-        optimizer: Callable | None = None,
-        scheduler: Callable | None = None,
-        scheduler_interval: str = "epoch",
-        data_fingerprint: str = "",
-        ks: Sequence[int] = DEFAULT_KS,
-        weight_batches_by_targets: bool = True,
     ):
-        super().__init__(
-            num_items,
-            optimizer,
-            scheduler,
-            scheduler_interval,
-            data_fingerprint,
-            ks,
-            weight_batches_by_targets,
-        )
-        self.check_options(
-            {"mask_prob": mask_prob, "last_only_prob": last_only_prob},
-            loss if loss is not None else FullCrossEntropy(),
-        )
-        self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler"])
-        self.max_len = max_len
+        super().__init__(data, max_len)
+        self.check_options({"mask_prob": mask_prob, "last_only_prob": last_only_prob})
+        num_items = data.num_items
         self.mask_prob = mask_prob
         self.mask_last = mask_last
         self.last_only_prob = last_only_prob
@@ -112,9 +89,7 @@ class BERT4Rec(SequentialRecommender):
         )
         self.final_norm = nn.LayerNorm(dim) if pre_norm else nn.Identity()
         # Last, so that with both switches off nothing about the model changes.
-        self.behaviour = BehaviourEmbedding(dim, num_event_types, event_embedding, time_gaps)
-        self.num_event_types = num_event_types
-        self._set_loss(loss if loss is not None else FullCrossEntropy())
+        self.behaviour = BehaviourEmbedding(dim, data.num_event_types, event_embedding, time_gaps)
         init_weights(self, init_std)
         # BERT's masked-LM output head, which the original BERT4Rec kept: a dense layer, GELU and a
         # LayerNorm between the last block and the item dot products, and a learned score offset
@@ -125,6 +100,10 @@ class BERT4Rec(SequentialRecommender):
             self.head_transform = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim))
             init_weights(self.head_transform, init_std)
         self.item_bias = nn.Parameter(torch.zeros(num_items + 1)) if item_bias else None
+
+    @property
+    def reads_events(self) -> bool:
+        return self.behaviour.active
 
     @property
     def catalogue_embeddings(self) -> torch.Tensor:
@@ -189,7 +168,7 @@ class BERT4Rec(SequentialRecommender):
             masked[rows, last] = last_hidden
         return masked
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_outputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         # The datamodule's window is input_ids[0] followed by target_ids: up to max_len + 1 items,
         # the length a history plus the appended [MASK] has at inference.
         sequences = torch.cat([batch["input_ids"][:, :1], batch["target_ids"]], dim=1)
@@ -205,9 +184,7 @@ class BERT4Rec(SequentialRecommender):
             gaps = torch.cat([batch["input_gaps"][:, :1], batch["target_gaps"]], dim=1).masked_fill(masked, 0)
         hidden = self(sequences.masked_fill(masked, self.mask_id), events, gaps)
         index = flat_positions(masked)
-        hidden, targets = hidden.flatten(0, 1)[index], sequences.flatten()[index]
-        loss = self.loss(self._head(hidden), targets, self.catalogue_embeddings)
-        return self._training_loss(loss, len(index))
+        return self._head(hidden.flatten(0, 1)[index]), sequences.flatten()[index]
 
     def item_vectors(self) -> torch.Tensor:
         return self.catalogue_embeddings

@@ -2,7 +2,7 @@
 
 With event-typed data (`data.event_types`) every position of a sequence has an event type (view,
 add-to-cart, purchase, ...) and a time-gap bucket (the log of the time since the user's previous
-event, see `recsys.data.datamodule.time_gap_buckets`). `BehaviourEmbedding` turns them into vectors
+event, see `recsys.data.features.time_gap_buckets`). `BehaviourEmbedding` turns them into vectors
 that SASRec and BERT4Rec add to the item embedding, as they add the position embedding:
 
     x = item_embedding(item) * scale + position_embedding(pos) [+ event_embedding(type)] [+ gap_embedding(gap)]
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from recsys.data.datamodule import NUM_GAP_BUCKETS
+from recsys.data.features import NUM_GAP_BUCKETS
 from recsys.errors import UserInputError
 
 
@@ -52,16 +52,3 @@ class BehaviourEmbedding(nn.Module):
             out = out + self.gaps(gaps)
         return out
 
-
-def keep_last_positions(
-    history: torch.Tensor, max_len: int, *aligned: torch.Tensor | None
-) -> tuple[torch.Tensor | None, ...]:
-    """Each right-padded row's last `max_len` positions of `history` and of the tensors aligned
-    with it (None passes through), still right-padded."""
-    if history.size(1) <= max_len:
-        return (history, *aligned)
-    lengths = (history != 0).sum(dim=1, keepdim=True)
-    index = (lengths - max_len).clamp(min=0) + torch.arange(max_len, device=history.device)
-    real = index < lengths
-    index = index.clamp(max=history.size(1) - 1)
-    return tuple(None if t is None else t.gather(1, index) * real for t in (history, *aligned))

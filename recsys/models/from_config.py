@@ -1,26 +1,35 @@
-"""Building a model and its loss from a run's config: shared by train.py and evaluate.py.
+"""Building a model from a run's config: shared by train.py, evaluate.py and predict.py.
 
-The loss is its own config group (`loss=`), instantiated here and handed to the model. Options a
-model or loss cannot work with are caught by `check_model_config` before any data is read. Data-
-derived inputs are passed explicitly: a config with an `item_counts` key (the most-popular model,
-losses that sample by popularity or correct for it) receives the training set's item counts.
+The `model` config node holds the network's `_target_` and constructor arguments plus the
+training keys of `TRAINING_KEYS` (optimizer, scheduler, ...), which go to the one LightningModule
+(`recsys.training.module.SequentialRecommender`). The loss is its own config group (`loss=`).
+What the data says (item count, event types, training item counts, original ids, fingerprint)
+reaches the network once, as a `DataInfo`; a loss gets the training item counts when its class
+declares `uses_item_counts`. Options that cannot work are caught by `check_model_config` before
+any data is read.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from recsys.errors import UserInputError
+from recsys.models.network import DataInfo, SequenceNetwork
+from recsys.training.module import SequentialRecommender, check_loss
+
+# Keys of the `model` node that configure training, not the network.
+TRAINING_KEYS = ("optimizer", "scheduler", "scheduler_interval", "weight_batches_by_targets", "ks")
+# Keys that run configs written before the network took a DataInfo may hold: the data gives them now.
+DATA_KEYS = ("num_event_types", "item_counts")
 
 
-def _instantiate(node: DictConfig, key: str, **kwargs: Any) -> Any:
+def _instantiate(node: Any, key: str, **kwargs: Any) -> Any:
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
@@ -30,64 +39,81 @@ def _instantiate(node: DictConfig, key: str, **kwargs: Any) -> Any:
         raise UserInputError(f"{key}: {str(err).splitlines()[0]}") from None
 
 
-def build_loss(loss_config: DictConfig | None, item_counts=None) -> nn.Module | None:
+def loss_class(loss_config: DictConfig | None) -> type | None:
     if loss_config is None:
         return None
-    if "item_counts" in loss_config:
+    target = loss_config.get("_target_")
+    try:
+        return get_class(target)
+    except Exception:
+        raise UserInputError(f"loss._target_: cannot import {target!r}") from None
+
+
+def build_loss(loss_config: DictConfig | None, item_counts: torch.Tensor | None = None) -> nn.Module | None:
+    cls = loss_class(loss_config)
+    if cls is None:
+        return None
+    if getattr(cls, "uses_item_counts", False):
         return _instantiate(loss_config, "loss", item_counts=item_counts)
     return _instantiate(loss_config, "loss")
 
 
-def model_class(cfg: DictConfig) -> type:
+def network_class(cfg: DictConfig) -> type[SequenceNetwork]:
     target = cfg.model.get("_target_")
     try:
-        return get_class(target)
+        cls = get_class(target)
     except Exception:
         raise UserInputError(f"model._target_: cannot import {target!r}") from None
+    if not (isinstance(cls, type) and issubclass(cls, SequenceNetwork)):
+        raise UserInputError(f"model._target_: {target!r} is not a SequenceNetwork (recsys/models/network.py)")
+    return cls
+
+
+def network_config(model_config: DictConfig) -> DictConfig:
+    """The network's part of the `model` node: everything but the training keys."""
+    plain = OmegaConf.to_container(model_config, resolve=True)
+    return OmegaConf.create({k: v for k, v in plain.items() if k not in TRAINING_KEYS + DATA_KEYS})
 
 
 def check_model_config(cfg: DictConfig) -> None:
     """Raise UserInputError for model and loss options that cannot work; reads no data."""
     loss = build_loss(cfg.get("loss"))  # constructors check their own options
-    model_class(cfg).check_options(cfg.model, loss)
+    network = network_class(cfg)
+    check_loss(network, loss)
+    network.check_options(network_config(cfg.model))
 
 
-def build_model(
-    cfg: DictConfig,
-    datamodule=None,
-    num_items: int | None = None,
-    data_fingerprint: str | None = None,
-    evaluation: DictConfig | None = None,
-    item_counts: torch.Tensor | None = None,
-    item_ids: np.ndarray | None = None,
-    num_event_types: int | None = None,
-):
-    """The model of `cfg` for the data of `datamodule` (its item count, fingerprint, training item
-    counts, original item ids and number of event types by default; without a datamodule all must
-    be given), set up to evaluate as `evaluation` says (`cfg.evaluation` by default)."""
-    counts = datamodule.train_item_counts() if item_counts is None else item_counts
-    kwargs: dict[str, Any] = {
-        "num_items": datamodule.num_items if num_items is None else num_items,
-        "data_fingerprint": datamodule.fingerprint if data_fingerprint is None else data_fingerprint,
-    }
-    if "item_counts" in cfg.model:
-        kwargs["item_counts"] = counts
-    if "num_event_types" in cfg.model:  # models that can read event types (browse vs buy)
-        kwargs["num_event_types"] = datamodule.num_event_types if num_event_types is None else num_event_types
-    if model_class(cfg).uses_loss:
-        kwargs["loss"] = build_loss(cfg.get("loss"), counts)
-    model = _instantiate(cfg.model, "model", **kwargs)
-    # Saved in the checkpoint, so that recommending in original ids needs no data (recsys/recommend.py).
-    model.catalogue = {
-        "item_ids": datamodule.data.item_ids if item_ids is None else item_ids,
-        "train_item_counts": counts,
-    }
+def data_info(datamodule) -> DataInfo:
+    """What the data module's data says about itself, for the network and the training module."""
+    return DataInfo(
+        num_items=datamodule.num_items,
+        num_event_types=datamodule.num_event_types,
+        train_item_counts=datamodule.train_item_counts(),
+        item_ids=datamodule.data.item_ids,
+        fingerprint=datamodule.fingerprint,
+    )
+
+
+def build_model(cfg: DictConfig, data: DataInfo, evaluation: DictConfig | dict | None = None) -> SequentialRecommender:
+    """The model of `cfg` for `data`, set up to evaluate as `evaluation` says (`cfg.evaluation`
+    by default). The loss is built first, then the network, in the order that fixes the random
+    initial weights for a seed."""
+    network_class(cfg)  # a clear error for a _target_ that is not a network
+    loss = build_loss(cfg.get("loss"), data.train_item_counts)
+    # Partial, then called: Hydra would turn a dataclass argument into a dict.
+    network = _instantiate(network_config(cfg.model), "model", _partial_=True)(data)
+    training = {key: cfg.model[key] for key in TRAINING_KEYS if key in cfg.model}
+    options = {key: instantiate(value) if key in ("optimizer", "scheduler") else value for key, value in training.items()}
+    if "ks" in options:
+        options["ks"] = list(options["ks"])
+    model = SequentialRecommender(network, loss=loss, data=data, **options)
     evaluation = cfg.get("evaluation") if evaluation is None else evaluation
     evaluation = evaluation if evaluation is not None else {}
     sampled = evaluation.get("sampled")
+    chunk = evaluation.get("item_chunk_size")
     model.configure_evaluation(
-        item_counts=counts,
+        item_counts=data.train_item_counts,
         sampled=dict(sampled) if sampled else None,
-        item_chunk_size=evaluation.get("item_chunk_size"),
+        item_chunk_size=None if chunk is None else chunk,
     )
     return model

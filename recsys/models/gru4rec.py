@@ -8,60 +8,39 @@ projected to the embedding size and scored against the tied item embeddings.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-
 import torch
 from torch import nn
 
-from recsys.losses import FullCrossEntropy
-from recsys.metrics import DEFAULT_KS
-from recsys.models.base import (
-    SequentialRecommender,
+from recsys.models.network import (
+    DataInfo,
+    SequenceNetwork,
     flat_positions,
-    keep_last_items,
+    keep_last_positions,
     last_real_position,
     target_positions,
 )
 
 
-class GRU4Rec(SequentialRecommender):
+class GRU4Rec(SequenceNetwork):
     def __init__(
         self,
-        num_items: int,
+        data: DataInfo,
         max_len: int = 50,
         dim: int = 64,
         hidden_dim: int | None = None,
         num_layers: int = 1,
         dropout: float = 0.2,
         init_std: float = 0.02,
-        loss: nn.Module | None = None,
-        optimizer: Callable | None = None,
-        scheduler: Callable | None = None,
-        scheduler_interval: str = "epoch",
-        data_fingerprint: str = "",
-        ks: Sequence[int] = DEFAULT_KS,
-        weight_batches_by_targets: bool = True,
     ):
-        super().__init__(
-            num_items,
-            optimizer,
-            scheduler,
-            scheduler_interval,
-            data_fingerprint,
-            ks,
-            weight_batches_by_targets,
-        )
-        self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler"])
-        self.max_len = max_len
+        super().__init__(data, max_len)
         hidden_dim = hidden_dim or dim
-        self.item_embedding = nn.Embedding(num_items + 1, dim, padding_idx=0)
+        self.item_embedding = nn.Embedding(data.num_items + 1, dim, padding_idx=0)
         self.input_dropout = nn.Dropout(dropout)
         self.gru = nn.GRU(
             dim, hidden_dim, num_layers, batch_first=True, dropout=dropout if num_layers > 1 else 0.0
         )
         self.output_dropout = nn.Dropout(dropout)
         self.project = nn.Linear(hidden_dim, dim) if hidden_dim != dim else nn.Identity()
-        self._set_loss(loss if loss is not None else FullCrossEntropy())
         # Small embeddings, as for SASRec: tied N(0, 1) embeddings stall learning. The GRU keeps
         # PyTorch's own initialisation.
         nn.init.normal_(self.item_embedding.weight, std=init_std)
@@ -73,15 +52,13 @@ class GRU4Rec(SequentialRecommender):
         states, _ = self.gru(self.input_dropout(self.item_embedding(input_ids)))
         return self.project(self.output_dropout(states))
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_outputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self(batch["input_ids"])
         index = flat_positions(target_positions(batch))
-        targets = batch["target_ids"].flatten()[index]
-        loss = self.loss(hidden.flatten(0, 1)[index], targets, self.item_embedding.weight)
-        return self._training_loss(loss, len(index))
+        return hidden.flatten(0, 1)[index], batch["target_ids"].flatten()[index]
 
     def user_vectors(self, history: torch.Tensor) -> torch.Tensor:
-        history = keep_last_items(history, self.max_len)
+        (history,) = keep_last_positions(history, self.max_len)
         return last_real_position(self(history), history)
 
     def item_vectors(self) -> torch.Tensor:

@@ -8,38 +8,23 @@ lets the trainer save the checkpoint that evaluate.py reads back.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
-from recsys.metrics import DEFAULT_KS
-from recsys.models.base import SequentialRecommender
+from recsys.models.network import DataInfo, SequenceNetwork
 
 
-class MostPopular(SequentialRecommender):
-    uses_loss = False
+class MostPopular(SequenceNetwork):
+    trainable = False
 
-    def __init__(
-        self,
-        num_items: int,
-        item_counts: torch.Tensor | None = None,
-        data_fingerprint: str = "",
-        ks: Sequence[int] = DEFAULT_KS,
-    ):
-        super().__init__(num_items, data_fingerprint=data_fingerprint, ks=ks)
-        self.save_hyperparameters(ignore=["item_counts"])
-        counts = torch.zeros(num_items + 1) if item_counts is None else item_counts.float()
+    def __init__(self, data: DataInfo, max_len: int = 50):
+        super().__init__(data, max_len)
+        num_items = data.num_items
+        counts = data.train_item_counts
+        counts = torch.zeros(num_items + 1) if counts is None else torch.as_tensor(counts).float().clone()
         if counts.shape != (num_items + 1,):
             raise ValueError(f"item_counts: expected {num_items + 1} counts, got {tuple(counts.shape)}")
         counts[0] = -1.0  # padding is never recommended
         self.register_buffer("item_counts", counts)
-        self._set_loss(None)
-
-    def configure_optimizers(self):
-        return None
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        return None  # the counts came from the data: nothing to fit
 
     # Score = 1 x count: a dot product in one dimension, so ranking runs in chunks like any model's.
     def user_vectors(self, history: torch.Tensor) -> torch.Tensor:

@@ -12,28 +12,26 @@ only the positions the data module marks as targets (`target_mask`, from `data.t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-
 import torch
 from torch import nn
 
-from recsys.losses import FullCrossEntropy
-from recsys.metrics import DEFAULT_KS
-from recsys.models.base import (
-    SequentialRecommender,
+from recsys.models.events import BehaviourEmbedding
+from recsys.models.network import (
+    DataInfo,
+    SequenceNetwork,
     flat_positions,
+    keep_last_positions,
     last_real_position,
     position_ids,
     target_positions,
 )
-from recsys.models.events import BehaviourEmbedding, keep_last_positions
 from recsys.models.transformer import TransformerBlock, init_weights
 
 
-class SASRec(SequentialRecommender):
+class SASRec(SequenceNetwork):
     def __init__(
         self,
-        num_items: int,
+        data: DataInfo,
         max_len: int = 50,
         dim: int = 64,
         num_blocks: int = 2,
@@ -45,31 +43,13 @@ class SASRec(SequentialRecommender):
         init_std: float = 0.02,
         positions_from_end: bool = False,
         scale_embeddings: bool = True,
-        num_event_types: int = 0,
         event_embedding: bool = False,
         time_gaps: bool = False,
-        loss: nn.Module | None = None,
-        optimizer: Callable | None = None,
-        scheduler: Callable | None = None,
-        scheduler_interval: str = "epoch",
-        data_fingerprint: str = "",
-        ks: Sequence[int] = DEFAULT_KS,
-        weight_batches_by_targets: bool = True,
     ):
-        super().__init__(
-            num_items,
-            optimizer,
-            scheduler,
-            scheduler_interval,
-            data_fingerprint,
-            ks,
-            weight_batches_by_targets,
-        )
-        self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler"])
-        self.max_len = max_len
+        super().__init__(data, max_len)
         self.positions_from_end = positions_from_end
         self.embedding_scale = dim**0.5 if scale_embeddings else 1.0
-        self.item_embedding = nn.Embedding(num_items + 1, dim, padding_idx=0)
+        self.item_embedding = nn.Embedding(data.num_items + 1, dim, padding_idx=0)
         self.position_embedding = nn.Embedding(max_len, dim)
         self.embedding_dropout = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
@@ -79,10 +59,12 @@ class SASRec(SequentialRecommender):
         # Pre-norm blocks leave the residual stream un-normalised: normalise once at the end.
         self.final_norm = nn.LayerNorm(dim) if pre_norm else nn.Identity()
         # Last, so that with both switches off nothing about the model changes.
-        self.behaviour = BehaviourEmbedding(dim, num_event_types, event_embedding, time_gaps)
-        self.num_event_types = num_event_types
-        self._set_loss(loss if loss is not None else FullCrossEntropy())
+        self.behaviour = BehaviourEmbedding(dim, data.num_event_types, event_embedding, time_gaps)
         init_weights(self, init_std)
+
+    @property
+    def reads_events(self) -> bool:
+        return self.behaviour.active
 
     def forward(
         self,
@@ -101,13 +83,11 @@ class SASRec(SequentialRecommender):
             x = block(x, is_causal=True)
         return self.final_norm(x)
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_outputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self(batch["input_ids"], batch.get("input_events"), batch.get("input_gaps"))
-        # The loss only where there is a next item (of a target type).
+        # Every position with a next item (of a target type) predicts it.
         index = flat_positions(target_positions(batch))
-        targets = batch["target_ids"].flatten()[index]
-        loss = self.loss(hidden.flatten(0, 1)[index], targets, self.item_embedding.weight)
-        return self._training_loss(loss, len(index))
+        return hidden.flatten(0, 1)[index], batch["target_ids"].flatten()[index]
 
     def user_vectors(
         self,

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from recsys.models.network import DataInfo
 from recsys.models.sasrec import SASRec
 from recsys.models.transformer import SelfAttention, reference_attention
 
@@ -55,7 +56,7 @@ def test_causal_right_padding_needs_no_mask(pre_norm, positions_from_end):
     """Real positions of a right-padded batch equal the same sequences run one by one, unpadded."""
     torch.manual_seed(0)
     model = SASRec(
-        num_items=30,
+        DataInfo(30),
         max_len=12,
         dim=16,
         num_blocks=2,
@@ -75,7 +76,7 @@ def test_causal_right_padding_needs_no_mask(pre_norm, positions_from_end):
 
 def test_sasrec_score_uses_last_real_position():
     torch.manual_seed(0)
-    model = SASRec(num_items=30, max_len=12, dim=16, num_blocks=1).eval()
+    model = SASRec(DataInfo(30), max_len=12, dim=16, num_blocks=1).eval()
     batch = right_padded_batch([4, 9], width=12)
     with torch.no_grad():
         scores = model.score(batch)
@@ -87,7 +88,69 @@ def test_sasrec_score_uses_last_real_position():
 
 def test_sasrec_score_keeps_the_most_recent_items_of_long_histories():
     torch.manual_seed(0)
-    model = SASRec(num_items=30, max_len=5, dim=16, num_blocks=1).eval()
+    model = SASRec(DataInfo(30), max_len=5, dim=16, num_blocks=1).eval()
     long = right_padded_batch([9], width=11)
     with torch.no_grad():
         torch.testing.assert_close(model.score(long), model.score(long[:, 4:9]))
+
+
+def plain_attention(q, k, v, is_causal, key_padding_mask=None):
+    """softmax(q k^T / sqrt(d) + masks) v, written out in float64 with matrix products: the keys a
+    query may not see get weight 0, the rest exp(logit - max) normalised by their sum.
+    q, k, v: (B, H, L, d); key_padding_mask: (B, L), True = a real key."""
+    q, k, v = q.double(), k.double(), v.double()
+    length = q.size(2)
+    logits = q @ k.transpose(-2, -1) / q.size(-1) ** 0.5
+    allowed = torch.ones(length, length, dtype=torch.bool)
+    if is_causal:
+        allowed = torch.arange(length)[None, :] <= torch.arange(length)[:, None]
+    allowed = allowed.expand(logits.shape)
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask[:, None, None, :]
+    peak = logits.masked_fill(~allowed, -1e300).amax(dim=-1, keepdim=True)
+    weights = torch.where(allowed, (logits - peak).exp(), 0.0)
+    return weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-300) @ v
+
+
+def random_attention_case(seed):
+    """A SelfAttention with random heads and head size, a batch of random size and width, and
+    right-padded rows of random lengths (at least one; some rows full)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(low, high):  # an int in [low, high]
+        return int(torch.randint(low, high + 1, (), generator=generator))
+
+    heads, head_dim = draw(1, 4), draw(1, 6)
+    batch, width = draw(1, 5), draw(1, 9)
+    torch.manual_seed(seed)
+    attention = SelfAttention(dim=heads * head_dim, num_heads=heads, dropout=0.3).eval()
+    x = torch.randn(batch, width, heads * head_dim, generator=generator)
+    lengths = torch.randint(1, width + 1, (batch,), generator=generator)
+    lengths[draw(0, batch - 1)] = width
+    real = torch.arange(width)[None, :] < lengths[:, None]
+    return attention, x, real
+
+
+@pytest.mark.parametrize("is_causal", [True, False])
+def test_sdpa_attention_equals_a_plain_reference_over_random_shapes(is_causal):
+    """40 random cases each: SASRec's path (is_causal, no mask, right padding) and BERT4Rec's
+    (bidirectional, key-padding mask) against the written-out softmax, values and gradients, at
+    every real position. Causal attention on right-padded rows needs no mask: the reference
+    masks the padding keys too and must agree."""
+    for seed in range(40):
+        attention, x, real = random_attention_case(seed)
+        batch, width, dim = x.shape
+        heads = attention.num_heads
+        x = x.requires_grad_()
+        mask = None if is_causal else real
+        got = attention(x, is_causal=is_causal, key_padding_mask=mask)
+        q, k, v = attention.qkv(x).view(batch, width, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+        expected = plain_attention(q, k, v, is_causal, key_padding_mask=real)
+        expected = attention.proj(expected.transpose(1, 2).reshape(batch, width, dim).float())
+        assert not got.isnan().any(), seed
+        torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-6, msg=f"seed {seed}")
+        weights = torch.randn(got.shape, generator=torch.Generator().manual_seed(seed)) * real[..., None]
+        (grad,) = torch.autograd.grad((got * weights).sum(), x)
+        (want,) = torch.autograd.grad((expected * weights).sum(), x)
+        assert not grad.isnan().any(), seed
+        torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-5, msg=f"seed {seed}")

@@ -9,14 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from recsys import hardware
 from recsys.data import SequenceDataModule
+from recsys.evaluation.metrics import chunked_ranking, target_ranks, top_k_items
 from recsys.fused_cross_entropy import unavailable_reason as fused_unavailable_reason
 from recsys.losses import FullCrossEntropy
-from recsys.metrics import chunked_ranking, target_ranks, top_k_items
 from recsys.models.bert4rec import BERT4Rec
+from recsys.models.network import DataInfo
 from recsys.models.sasrec import SASRec
 from recsys.models.transformer import SelfAttention, reference_attention
+from recsys.training import hardware
+from recsys.training.module import SequentialRecommender
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
@@ -36,7 +38,7 @@ def relative_error(got, want):
 
 def test_causal_sasrec_runs_on_the_flash_kernel_in_bf16():
     torch.manual_seed(0)
-    model = SASRec(500, max_len=64, dim=64, num_heads=2, dropout=0.0).to(CUDA)
+    model = SASRec(DataInfo(500), max_len=64, dim=64, num_heads=2, dropout=0.0).to(CUDA)
     ids = right_padded([64, 40, 3, 17], 500, 64)
     eager = model(ids)  # float32, any kernel
     # Restricted to flash: SDPA raises rather than falling back if SASRec passed a mask.
@@ -50,7 +52,7 @@ def test_causal_sasrec_runs_on_the_flash_kernel_in_bf16():
 
 def test_bidirectional_bert4rec_runs_on_the_memory_efficient_kernel():
     torch.manual_seed(0)
-    model = BERT4Rec(500, max_len=63, dim=64, num_heads=2, dropout=0.0).to(CUDA)
+    model = BERT4Rec(DataInfo(500), max_len=63, dim=64, num_heads=2, dropout=0.0).to(CUDA)
     ids = right_padded([64, 40, 3, 17], 500, 64)
     eager = model(ids)
     with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION), torch.autocast("cuda", dtype=torch.bfloat16):
@@ -128,7 +130,7 @@ def test_chunked_ranking_on_gpu_equals_full_ranking():
 @pytest.mark.parametrize("model_class", [SASRec, BERT4Rec])
 def test_compiled_and_eager_agree_on_gpu(model_class):
     torch.manual_seed(4)
-    model = model_class(300, max_len=20, dim=32, dropout=0.0).to(CUDA).eval()
+    model = model_class(DataInfo(300), max_len=20, dim=32, dropout=0.0).to(CUDA).eval()
     history = right_padded([20, 5, 1, 13], 300, 20)
     eager = model.user_vectors(history)
     assert hardware.maybe_compile(model, True, "cuda")
@@ -147,7 +149,8 @@ def test_bf16_fit_on_gpu_with_fused_adamw_and_device_batches(fused_loss):
         device_batches=True,
     )
     datamodule.setup()
-    model = SASRec(datamodule.num_items, max_len=20, dim=32, loss=FullCrossEntropy(fused=fused_loss))
+    network = SASRec(DataInfo(datamodule.num_items), max_len=20, dim=32)
+    model = SequentialRecommender(network, loss=FullCrossEntropy(fused=fused_loss))
     trainer = pl.Trainer(
         accelerator="gpu",
         devices=1,

@@ -5,11 +5,13 @@ import torch
 
 from recsys.errors import UserInputError
 from recsys.losses import BinaryCrossEntropy, FullCrossEntropy
-from recsys.models.base import flat_positions, target_positions
 from recsys.models.bert4rec import BERT4Rec
 from recsys.models.gru4rec import GRU4Rec
+from recsys.models.network import DataInfo, flat_positions, target_positions
 from recsys.models.popular import MostPopular
 from recsys.models.sasrec import SASRec
+from recsys.training.module import check_loss
+from tests.builders import module
 
 
 def right_padded(rows, width):
@@ -21,7 +23,7 @@ def right_padded(rows, width):
 
 def test_cloze_mask_statistics():
     torch.manual_seed(0)
-    model = BERT4Rec(num_items=100, max_len=50, dim=16, mask_prob=0.3)
+    model = BERT4Rec(DataInfo(100), max_len=50, dim=16, mask_prob=0.3)
     lengths = torch.randint(1, 51, (2000,))
     sequences = right_padded([list(range(1, n + 1)) for n in lengths.tolist()], 50)
     masked = model.cloze_mask(sequences)
@@ -35,7 +37,7 @@ def test_cloze_mask_statistics():
 
 def test_mask_last_always_hides_the_last_item():
     torch.manual_seed(0)
-    model = BERT4Rec(num_items=30, max_len=10, dim=16, mask_prob=0.1, mask_last=True)
+    model = BERT4Rec(DataInfo(30), max_len=10, dim=16, mask_prob=0.1, mask_last=True)
     sequences = right_padded([[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]], 10)
     masked = model.cloze_mask(sequences)
     assert masked[0, 2] and masked[1, 5] and masked[2, 0]
@@ -43,7 +45,7 @@ def test_mask_last_always_hides_the_last_item():
 
 def test_last_only_rows_hide_only_their_last_item():
     torch.manual_seed(0)
-    model = BERT4Rec(num_items=100, max_len=20, dim=16, mask_prob=0.5, mask_last=True, last_only_prob=0.3)
+    model = BERT4Rec(DataInfo(100), max_len=20, dim=16, mask_prob=0.5, mask_last=True, last_only_prob=0.3)
     lengths = torch.randint(2, 21, (4000,))
     sequences = right_padded([list(range(1, n + 1)) for n in lengths.tolist()], 20)
     masked = model.cloze_mask(sequences)
@@ -62,7 +64,7 @@ def test_last_only_rows_hide_only_their_last_item():
 
 def test_bert4rec_is_bidirectional_and_scores_the_appended_mask():
     torch.manual_seed(0)
-    model = BERT4Rec(num_items=30, max_len=8, dim=16).eval()
+    model = BERT4Rec(DataInfo(30), max_len=8, dim=16).eval()
     a = right_padded([[1, 2, 3, 4]], 6)
     b = right_padded([[1, 2, 3, 5]], 6)
     # A later item changes an earlier position's output: attention looks both ways.
@@ -87,7 +89,8 @@ def test_batches_weigh_by_their_target_count(model_class):
     losses = {}
     for weighted in (True, False):
         torch.manual_seed(0)
-        model = model_class(num_items=20, max_len=8, dim=8, dropout=0.0, weight_batches_by_targets=weighted)
+        network = model_class(DataInfo(20), max_len=8, dim=8, dropout=0.0)
+        model = module(network, weight_batches_by_targets=weighted)
         losses[weighted] = [model.training_step(short, 0), model.training_step(long, 1)]
     # 2 then 14 targets: the first batch is its own mean; the second weighs 14 / mean(2, 14).
     torch.testing.assert_close(losses[True][0], losses[False][0])
@@ -111,22 +114,22 @@ def test_flat_positions_select_what_the_mask_selects():
 @pytest.mark.parametrize("model_class", [SASRec, GRU4Rec])
 def test_training_loss_covers_exactly_the_positions_with_a_next_item(model_class):
     torch.manual_seed(0)
-    model = model_class(num_items=20, max_len=6, dim=8, dropout=0.0, weight_batches_by_targets=False)
+    model = module(model_class(DataInfo(20), max_len=6, dim=8, dropout=0.0), weight_batches_by_targets=False)
     batch = {
         "input_ids": right_padded([[1, 2, 3, 4, 5], [6, 7], [8]], 6),
         "target_ids": right_padded([[2, 3, 4, 5, 6], [7, 9], [10]], 6),
     }
     loss = model.training_step(batch, 0)
     has_target = target_positions(batch)
-    hidden = model(batch["input_ids"])
-    expected = model.loss(hidden[has_target], batch["target_ids"][has_target], model.item_embedding.weight)
+    hidden = model.network(batch["input_ids"])
+    expected = model.loss(hidden[has_target], batch["target_ids"][has_target], model.network.item_embedding.weight)
     torch.testing.assert_close(loss, expected)
 
 
 @pytest.mark.filterwarnings("ignore:You are trying to")
 def test_bert4rec_training_step_uses_every_window_item():
     torch.manual_seed(0)
-    model = BERT4Rec(num_items=30, max_len=4, dim=16, mask_prob=0.5)
+    model = module(BERT4Rec(DataInfo(30), max_len=4, dim=16, mask_prob=0.5))
     batch = {
         "input_ids": right_padded([[1, 2, 3, 4], [5, 6]], 4),
         "target_ids": right_padded([[2, 3, 4, 9], [6, 7]], 4),
@@ -135,15 +138,15 @@ def test_bert4rec_training_step_uses_every_window_item():
     loss.backward()
     assert torch.isfinite(loss)
     # Item 1 is only the window's first item (in input_ids, not in target_ids): it is still seen.
-    assert model.item_embedding.weight.grad[1].abs().sum() > 0
+    assert model.network.item_embedding.weight.grad[1].abs().sum() > 0
 
 
 @pytest.mark.filterwarnings("ignore:You are trying to")
 def test_bert4rec_output_head_options():
     torch.manual_seed(0)
-    plain = BERT4Rec(num_items=30, max_len=8, dim=16)
+    plain = BERT4Rec(DataInfo(30), max_len=8, dim=16)
     torch.manual_seed(0)
-    headed = BERT4Rec(num_items=30, max_len=8, dim=16, head_transform=True, item_bias=True)
+    headed = BERT4Rec(DataInfo(30), max_len=8, dim=16, head_transform=True, item_bias=True)
     # The head is built last: every weight the plain model has starts the same.
     for name, value in plain.state_dict().items():
         torch.testing.assert_close(headed.state_dict()[name], value)
@@ -156,7 +159,7 @@ def test_bert4rec_output_head_options():
     expected = h @ headed.item_embedding.weight[:31].T + headed.item_bias
     torch.testing.assert_close(headed.score(history), expected)
     target = torch.tensor([5, 9])
-    ranks, _ = headed._rank({"history": history, "target": target, "exclude": history}, None)[:2]
+    ranks, _ = module(headed)._rank({"history": history, "target": target, "exclude": history}, None)[:2]
     excluded = torch.zeros_like(expected, dtype=torch.bool).scatter_(1, history, True)
     excluded[:, 0] = True
     better = (expected > expected.gather(1, target[:, None])) & ~excluded
@@ -164,7 +167,7 @@ def test_bert4rec_output_head_options():
     # Training reaches the head and the offsets.
     headed.train()
     batch = {"input_ids": right_padded([[1, 2, 3, 4]], 4), "target_ids": right_padded([[2, 3, 4, 9]], 4)}
-    headed.training_step(batch, 0).backward()
+    module(headed).training_step(batch, 0).backward()
     assert headed.item_bias.grad.abs().sum() > 0
     assert headed.head_transform[0].weight.grad.abs().sum() > 0
 
@@ -175,12 +178,12 @@ def test_bert4rec_positions_from_end():
     short, long = right_padded([[1, 2, 3]], 8), right_padded([[4, 5, 6, 1, 2, 3]], 8)
     for from_end in (True, False):
         torch.manual_seed(0)
-        model = BERT4Rec(num_items=30, max_len=8, dim=16, num_blocks=0, positions_from_end=from_end).eval()
+        model = BERT4Rec(DataInfo(30), max_len=8, dim=16, num_blocks=0, positions_from_end=from_end).eval()
         same = torch.allclose(model.user_vectors(short), model.user_vectors(long))
         assert same == from_end
     # Training windows count the same way: the last item is at position 0.
     torch.manual_seed(0)
-    model = BERT4Rec(num_items=30, max_len=8, dim=16, num_blocks=0, positions_from_end=True).eval()
+    model = BERT4Rec(DataInfo(30), max_len=8, dim=16, num_blocks=0, positions_from_end=True).eval()
     mask = model.mask_id
     torch.testing.assert_close(
         model(right_padded([[7, mask]], 4))[0, 1], model(right_padded([[1, 2, mask]], 4))[0, 2]
@@ -190,7 +193,7 @@ def test_bert4rec_positions_from_end():
 @pytest.mark.parametrize("model_class", [SASRec, GRU4Rec])
 def test_causal_models_ignore_later_items_and_padding(model_class):
     torch.manual_seed(0)
-    model = model_class(num_items=30, max_len=8, dim=16).eval()
+    model = model_class(DataInfo(30), max_len=8, dim=16).eval()
     a = model(right_padded([[1, 2, 3, 4]], 6))
     b = model(right_padded([[1, 2, 3, 9]], 6))
     torch.testing.assert_close(a[0, :3], b[0, :3])
@@ -199,22 +202,22 @@ def test_causal_models_ignore_later_items_and_padding(model_class):
 
 
 def test_most_popular_ranks_by_training_counts():
-    model = MostPopular(num_items=4, item_counts=torch.tensor([0, 5, 9, 1, 9]), ks=(1, 2))
+    model = MostPopular(DataInfo(4, train_item_counts=torch.tensor([0, 5, 9, 1, 9])))
     scores = model.score(torch.zeros(2, 3, dtype=torch.long))
     assert scores.shape == (2, 5)
     assert scores[0].argmax() != 0 and scores[0, 0] < scores[0, 3]  # padding below every item
     assert scores[0, 2] == scores[0, 4] > scores[0, 1] > scores[0, 3]
     with pytest.raises(UserInputError, match="cannot use a loss"):
-        MostPopular.check_options({}, FullCrossEntropy())
+        check_loss(MostPopular, FullCrossEntropy())
 
 
 def test_bad_model_options_are_user_errors():
     for p in (0.0, 1.0, 1.5):
         with pytest.raises(UserInputError, match="model.mask_prob"):
-            BERT4Rec.check_options({"mask_prob": p}, FullCrossEntropy())
+            BERT4Rec.check_options({"mask_prob": p})
     with pytest.raises(UserInputError, match="model.last_only_prob"):
-        BERT4Rec.check_options({"mask_prob": 0.2, "last_only_prob": 1.5}, FullCrossEntropy())
+        BERT4Rec.check_options({"mask_prob": 0.2, "last_only_prob": 1.5})
     with pytest.raises(UserInputError, match="loss: SASRec is trained with a loss"):
-        SASRec.check_options({}, None)
+        check_loss(SASRec, None)
     with pytest.raises(UserInputError, match="loss.num_negatives"):
-        GRU4Rec(num_items=5, ks=(1, 5), loss=BinaryCrossEntropy(num_negatives=5))
+        module(GRU4Rec(DataInfo(5)), ks=(1, 5), loss=BinaryCrossEntropy(num_negatives=5))

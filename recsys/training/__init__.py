@@ -1,0 +1,1 @@
+"""Training: the one LightningModule every network trains and is evaluated in."""
