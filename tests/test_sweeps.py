@@ -1,7 +1,7 @@
 """Sweeps as a user runs them: a grid through submitit's local executor (the SLURM launcher's code
 path on one machine) whose runs are preempted, requeued and resumed, an Optuna search, a failed run,
 the sbatch script the SLURM launcher submits, an unknown launcher; and the sweep summary and the
-callback of recsys/sweeps.py on their own."""
+callback of recsys/runs/sweeps.py on their own."""
 
 import json
 import os
@@ -12,14 +12,23 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import MissingConfigException
 from hydra.types import RunMode
 from omegaconf import OmegaConf
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
 
-from recsys.sweeps import OVERRIDES_FILE, SweepSummary, main, sweep_table, write_sweep_summary
+from recsys.errors import UserInputError
+from recsys.runs.optuna_sweep import RESULTS_FILE, SweepFailed, make_sampler, prepare, search_space
+from recsys.runs.sweeps import OVERRIDES_FILE, SweepSummary, main, sweep_table, write_sweep_summary
+from tests.checks import Untouched, assert_user_error
 from tests.test_entrypoints import ROOT, common, run
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -134,20 +143,90 @@ def test_grid_sweep_through_the_submitit_local_launcher_requeues_and_resumes(tmp
 
 def test_optuna_sweep_writes_its_results_and_the_summary(tmp_path):
     sweep_dir = tmp_path / "optuna"
+    storage = tmp_path / "studies" / "sasrec.journal"
     # hydra.mode is MULTIRUN in the config: no -m needed. A searched key given on the command line
-    # (model.dim, model.num_blocks) is fixed, not searched.
-    overrides = tiny_sweep(tmp_path, sweep_dir, "model.num_blocks=1")
+    # (model.dim, model.num_blocks) is fixed, not searched. The study is kept in a journal file.
+    overrides = tiny_sweep(tmp_path, sweep_dir, "model.num_blocks=1", f"hydra.sweeper.storage={storage}")
     run("train.py", "+hparams_search=sasrec_optuna", "hydra.sweeper.n_trials=2", *overrides)
     results = OmegaConf.load(sweep_dir / "optimization_results.yaml")
     assert set(results.best_params) == {"model.optimizer.lr", "model.dropout", "model.optimizer.weight_decay"}
     table, markdown = read_summary(sweep_dir)
     assert len(table) == 2 and (table["status"] == "completed").all()
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == ["0", "1"]
     # What Optuna maximised is what train.py wrote: val/ndcg@10 of the best run.
     assert results.best_value == pytest.approx(table["val/ndcg@10"].max())
     best_run = table[table["best"]].iloc[0]
+    assert results.best_run_dir == best_run["run_dir"]
     for key, value in results.best_params.items():
         assert f"{key}={value}" in best_run["overrides"]
+    assert "model.num_blocks=1" in best_run["overrides"] and "model.dim=32" in best_run["overrides"]
     assert "Optuna (optimization_results.yaml): best value" in markdown
+    # The study outlives the process: each trial in the journal with its value and run directory.
+    study = optuna.load_study(
+        study_name="sasrec", storage=JournalStorage(JournalFileBackend(str(storage))), sampler=None
+    )
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    for trial in study.trials:
+        metrics = json.loads((Path(trial.user_attrs["run_dir"]) / "metrics.json").read_text())
+        assert trial.value == pytest.approx(metrics["val/ndcg@10"])
+        assert set(trial.params) == set(results.best_params)
+        run_overrides = OmegaConf.load(Path(trial.user_attrs["run_dir"]) / OVERRIDES_FILE)
+        assert trial.user_attrs["overrides"] == list(run_overrides)
+
+
+def test_a_failed_optuna_trial_stops_the_search_and_is_failed_in_the_study(tmp_path):
+    # The failure rule of the search (max_failure_rate 0): the first batch (one trial) fails, the
+    # sweep stops with the run's error, the summary lists the run, the study records it as failed.
+    sweep_dir = tmp_path / "failing"
+    storage = tmp_path / "study.journal"
+    result = run(
+        "train.py",
+        "+hparams_search=sasrec_optuna",
+        "hydra.sweeper.n_trials=3",
+        f"hydra.sweeper.storage={storage}",
+        "model.optimizer.lr=-1",
+        *tiny_sweep(tmp_path, sweep_dir),
+        check=False,
+    )
+    assert result.returncode == 1 and "Invalid learning rate: -1" in result.stderr
+    assert "1 of 1 trials of the batch failed" in result.stdout + result.stderr
+    table, markdown = read_summary(sweep_dir)
+    assert table["run"].astype(str).tolist() == ["0"] and table["status"].tolist() == ["failed"]
+    assert "1 runs, 0 completed, 1 failed" in markdown
+    assert not (sweep_dir / "optimization_results.yaml").exists()  # no trial completed
+    study = optuna.load_study(study_name="sasrec", storage=JournalStorage(JournalFileBackend(str(storage))))
+    assert [t.state for t in study.trials] == [TrialState.FAIL]
+
+
+def test_bad_search_settings_are_one_line_errors_before_anything_runs(tmp_path):
+    sweep_dir = tmp_path / "bad"
+    untouched = Untouched(sweep_dir, tmp_path / "cache", tmp_path / "logs")
+    result = run(
+        "train.py",
+        "+hparams_search=sasrec_optuna",
+        "hydra.sweeper.direction=up",
+        *tiny_sweep(tmp_path, sweep_dir),
+        check=False,
+    )
+    assert_user_error(
+        result,
+        "error: hydra.sweeper.direction: 'up' is not maximize or minimize "
+        "(one objective: train.py returns val/ndcg@10)",
+        untouched,
+        exact=True,
+    )
+
+
+def test_the_sweeper_plugin_module_imports_neither_optuna_nor_recsys():
+    # Hydra imports every plugin module at each start of train.py, evaluate.py, predict.py.
+    code = (
+        "import sys, hydra_plugins.recsys_optuna_sweeper.optuna_sweeper; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'optuna', 'recsys', 'torch'}))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"
 
 
 def test_slurm_launcher_submits_the_configured_sbatch_script(tmp_path, monkeypatch):
@@ -243,7 +322,7 @@ def test_slurm_launcher_config_follows_the_trainer():
     ) == (8, 8, 2)
 
 
-# --- recsys/sweeps.py on its own ----------------------------------------------------------------
+# --- recsys/runs/sweeps.py on its own ----------------------------------------------------------------
 
 
 def fake_run(sweep_dir, name, overrides, metrics=None):
@@ -334,3 +413,264 @@ def test_callback_rewrites_the_summary_as_each_run_ends_on_rank_zero_only(tmp_pa
     callback.on_job_end(job_config(tmp_path), job_return=None)
     table = pd.read_csv(sweep / "sweep_summary.csv")
     assert table["run"].tolist() == [3] and table["status"].tolist() == ["failed"]
+
+
+# --- the Optuna sweeper on its own (recsys/runs/optuna_sweep.py) --------------------------------------
+
+
+def search_config(*overrides):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(
+            "train", overrides=["+hparams_search=sasrec_optuna", *overrides], return_hydra_config=True
+        ).hydra.sweeper
+
+
+def test_the_search_config_keeps_its_space_and_settings():
+    sweeper = search_config()
+    assert sweeper._target_ == "hydra_plugins.recsys_optuna_sweeper.optuna_sweeper.OptunaSweeper"
+    assert (sweeper.direction, sweeper.storage, sweeper.study_name) == ("maximize", None, "sasrec")
+    assert (sweeper.n_trials, sweeper.n_jobs, sweeper.max_failure_rate) == (30, 1, 0.0)
+    assert sweeper.sampler == {"_target_": "optuna.samplers.TPESampler", "seed": 1234, "n_startup_trials": 10}
+    sampler = make_sampler(sweeper.sampler)
+    assert isinstance(sampler, optuna.samplers.TPESampler)
+    # The command line's keys join the space: a plain value fixes a key, a sweep searches it.
+    space = search_space(sweeper.params, ["data=synthetic", "model.dim=32", "seed=1,2", "~callbacks.x"])
+    assert space.distributions == {
+        "model.optimizer.lr": FloatDistribution(0.0003, 0.01, log=True),
+        "model.dropout": FloatDistribution(0.1, 0.6),
+        "model.num_blocks": CategoricalDistribution([1, 2, 3]),
+        "model.optimizer.weight_decay": CategoricalDistribution([0.0, 0.01, 0.1]),
+        "seed": CategoricalDistribution([1, 2]),
+    }
+    params = {"model.optimizer.lr": 0.001, "model.dropout": 0.25, "model.num_blocks": 2}
+    params.update({"model.optimizer.weight_decay": 0.01, "seed": 2})
+    assert space.overrides(params) == [
+        "model.optimizer.lr=0.001",
+        "model.dropout=0.25",
+        "model.num_blocks=2",
+        "model.optimizer.weight_decay=0.01",
+        "data=synthetic",
+        "model.dim=32",
+        "seed=2",
+        "~callbacks.x",
+    ]
+    # Another sampler by group, its keys on the command line.
+    random = search_config("hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=3").sampler
+    assert isinstance(make_sampler(random), optuna.samplers.RandomSampler)
+
+
+def test_search_space_syntax_and_optunas_own_terms():
+    space = search_space(
+        {
+            "a": "range(1, 10, 3)",  # Hydra's range: 1, 4, 7
+            "b": "range(0.5, 0.1, -0.1)",  # 0.5 .. 0.2
+            "c": "choice('x y', [1,2], true)",
+            "d": {"type": "int", "low": 8, "high": 64, "log": True},
+            "e": {"type": "float", "low": 0.0, "high": 1.0, "step": 0.25},
+            "f": {"type": "categorical", "choices": ["adam", "sgd"]},
+            "+g": "tag(log, interval(1, 100))",
+            "h": 5,
+        }
+    )
+    assert space.distributions == {
+        "a": IntDistribution(1, 7, step=3),
+        "b": FloatDistribution(0.2, 0.5, step=0.1),
+        "c": CategoricalDistribution(["x y", "[1,2]", True]),
+        "d": IntDistribution(8, 64, log=True),
+        "e": FloatDistribution(0.0, 1.0, step=0.25),
+        "f": CategoricalDistribution(["adam", "sgd"]),
+        "+g": FloatDistribution(1.0, 100.0, log=True),
+    }
+    params = {"a": 4, "b": 0.3, "c": "x y", "d": 16, "e": 0.5, "f": "sgd", "+g": 2.5}
+    assert space.overrides(params) == ["a=4", "b=0.3", "c=x\\ y", "d=16", "e=0.5", "f=sgd", "+g=2.5", "h=5"]
+    assert space.overrides({**params, "c": "[1,2]"})[2] == "c=[1,2]"
+    assert space.overrides({**params, "c": True})[2] == "c=true"
+    assert space.probe() == ["a=1", "b=0.2", "c=x\\ y", "d=8", "e=0.0", "f=adam", "+g=1.0", "h=5"]
+    # The command line wins over the config for the same key.
+    assert search_space({"a": "range(1, 3)", "b": "interval(0, 1)"}, ["a=2"]).overrides({"b": 0.5}) == [
+        "b=0.5",
+        "a=2",
+    ]
+
+
+@pytest.mark.parametrize(
+    "params, arguments, message",
+    [
+        (
+            {"a": {"type": "beta", "low": 0, "high": 1}},
+            [],
+            "hydra.sweeper.params['a'].type: 'beta' is not one of",
+        ),
+        ({"a": {"type": "float", "low": 0}}, [], "hydra.sweeper.params['a'].high: None is not a number"),
+        (
+            {"a": {"type": "int", "low": 0.5, "high": 2}},
+            [],
+            "hydra.sweeper.params['a'].low: 0.5 is not an int",
+        ),
+        (
+            {"a": {"type": "float", "low": 0, "high": 1, "q": 1}},
+            [],
+            "hydra.sweeper.params['a']: unknown key(s) ['q']",
+        ),
+        ({"a": {"type": "float", "low": 0, "high": 1, "log": True}}, [], "hydra.sweeper.params['a']: "),
+        ({"a": {"type": "categorical", "choices": 3}}, [], "hydra.sweeper.params['a'].choices: a list"),
+        ({"a": "tag(lg, interval(1, 2))"}, [], "hydra.sweeper.params['a']: unknown tag ['lg']"),
+        (
+            {"a": "tag(log, choice(1, 2))"},
+            [],
+            "hydra.sweeper.params['a']: tags ['log'] apply to interval() only",
+        ),
+        ({"a": "interval(2, 1)"}, [], "hydra.sweeper.params['a']: `low <= high` must hold"),
+        ({"a": "range(3, 1)"}, [], "hydra.sweeper.params['a']: the range is empty"),
+        ({"a": "interval(1,"}, [], "hydra.sweeper.params['a']: "),
+        ({"a": 1}, ["b=2"], "hydra.sweeper.params: nothing to search"),
+        ({"a": "interval(0, 1)"}, ["~b=1,2"], "command line `~b=1,2`: a deletion (~) cannot be searched"),
+        ({"a": "interval(0, 1)"}, ["b=glob(*)"], "command line `b=glob(*)`: "),
+        ("lr", [], "hydra.sweeper.params: a mapping"),
+    ],
+)
+def test_a_bad_search_space_is_a_one_line_error_naming_the_key(params, arguments, message):
+    with pytest.raises(UserInputError) as error:
+        search_space(params, arguments)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+SETTINGS = {"direction": "maximize", "storage": None, "study_name": "s", "n_trials": 2, "n_jobs": 1}
+SETTINGS["max_failure_rate"] = 0.0
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"direction": "up"}, "hydra.sweeper.direction: 'up' is not maximize or minimize"),
+        ({"direction": ["maximize", "minimize"]}, "hydra.sweeper.direction: "),
+        ({"n_trials": 0}, "hydra.sweeper.n_trials: 0 is not a whole number >= 1"),
+        ({"n_jobs": "2"}, "hydra.sweeper.n_jobs: '2' is not a whole number >= 1"),
+        ({"max_failure_rate": 1.5}, "hydra.sweeper.max_failure_rate: 1.5 is not a number from 0 to 1"),
+        ({"storage": ""}, "hydra.sweeper.storage: '' is not null or a non-empty string"),
+        ({"sampler": {"seed": 1}}, "hydra.sweeper.sampler: {'seed': 1} names no _target_"),
+        (
+            {"sampler": {"_target_": "collections.OrderedDict"}},
+            "hydra.sweeper.sampler: collections.OrderedDict is not",
+        ),
+        ({"storage": "nodb://x"}, "hydra.sweeper.storage: cannot open 'nodb://x': "),
+    ],
+)
+def test_bad_search_settings_are_one_line_errors_naming_the_key(tmp_path, change, message):
+    options = {**SETTINGS, "params": {"a": "interval(0, 1)"}, **change}
+    with pytest.raises(UserInputError) as error:
+        prepare(options, [], tmp_path)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+class FakeLauncher:
+    """Hydra's launcher as the sweeper sees it: each batch's jobs, returning what `job` gives
+    (a number, or an exception that the job raised)."""
+
+    def __init__(self, sweep_dir, job):
+        self.sweep_dir, self.job, self.batches = Path(sweep_dir), job, []
+
+    def __call__(self, batch, initial_job_idx):
+        self.batches.append((initial_job_idx, [list(o) for o in batch]))
+        returns = []
+        for idx, overrides in enumerate(batch, start=initial_job_idx):
+            ret = JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED)
+            ret.hydra_cfg = OmegaConf.create(
+                {"hydra": {"runtime": {"output_dir": str(self.sweep_dir / str(idx))}}}
+            )
+            params = dict(o.split("=", 1) for o in overrides)
+            try:
+                ret.return_value = self.job(idx, params)
+            except Exception as err:
+                ret.status, ret.return_value = JobStatus.FAILED, err
+            returns.append(ret)
+        return returns
+
+
+def quadratic(idx, params):
+    return -((float(params["x"]) - 0.3) ** 2)
+
+
+def test_the_search_asks_and_tells_in_batches_and_writes_the_best_trial(tmp_path):
+    options = {**SETTINGS, "n_trials": 5, "n_jobs": 2, "params": {"x": "interval(0, 1)"}}
+    options["sampler"] = {"_target_": "optuna.samplers.RandomSampler", "seed": 0}
+    launcher = FakeLauncher(tmp_path, quadratic)
+    study = prepare(options, ["data=synthetic"], tmp_path).run(launcher)
+    assert [(idx, len(batch)) for idx, batch in launcher.batches] == [(0, 2), (2, 2), (4, 1)]
+    assert all(o[-1] == "data=synthetic" for _, batch in launcher.batches for o in batch)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 5
+    assert [t.user_attrs["run_dir"] for t in study.trials] == [str(tmp_path / str(i)) for i in range(5)]
+    for trial in study.trials:
+        assert trial.value == pytest.approx(quadratic(0, {"x": trial.params["x"]}))
+    results = OmegaConf.load(tmp_path / RESULTS_FILE)
+    best = max(study.trials, key=lambda t: t.value)
+    assert results.best_params == {"x": best.params["x"]} and results.best_value == best.value
+    assert (results.best_trial, results.best_run_dir) == (best.number, str(tmp_path / str(best.number)))
+    assert results.trials == {"complete": 5} and results.direction == "maximize"
+
+
+def test_failed_trials_stop_the_search_beyond_max_failure_rate(tmp_path):
+    def every_other(idx, params):
+        if idx % 2:
+            raise RuntimeError(f"run {idx} broke")
+        return 0.5
+
+    options = {**SETTINGS, "n_trials": 4, "n_jobs": 2, "params": {"x": "interval(0, 1)"}}
+    # Half of each batch fails: tolerated at 0.5, not at 0.4 (the first failure's error).
+    tolerant = {**options, "max_failure_rate": 0.5}
+    study = prepare(tolerant, [], tmp_path / "a").run(FakeLauncher(tmp_path, every_other))
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL] * 2
+    search = prepare({**options, "max_failure_rate": 0.4}, [], tmp_path / "b")
+    with pytest.raises(RuntimeError, match="run 1 broke"):
+        search.run(FakeLauncher(tmp_path, every_other))
+    assert [t.state for t in search.study.trials] == [TrialState.COMPLETE, TrialState.FAIL]
+    assert OmegaConf.load(tmp_path / "b" / RESULTS_FILE).trials == {"complete": 1, "fail": 1}
+    # A run that returns no number (NaN, None) failed too; a search where none completed fails.
+    search = prepare({**options, "n_jobs": 1}, [], tmp_path / "c")
+    with pytest.raises(SweepFailed, match=r"trial 0 \(.*0\) returned nan, not a number to maximize"):
+        search.run(FakeLauncher(tmp_path, lambda idx, params: float("nan")))
+    search = prepare({**options, "max_failure_rate": 1.0}, [], tmp_path / "d")
+    with pytest.raises(SweepFailed, match="no trial of Optuna study 's' completed"):
+        search.run(FakeLauncher(tmp_path, lambda idx, params: None))
+    assert [t.state for t in search.study.trials] == [TrialState.FAIL] * 4
+    assert not (tmp_path / "d" / RESULTS_FILE).exists()
+
+
+def test_a_run_that_exits_leaves_no_trial_running(tmp_path):
+    def bad_input(batch, initial_job_idx):
+        raise SystemExit(2)  # what train.py does on bad input, in the launching process
+
+    search = prepare({**SETTINGS, "n_jobs": 2, "params": {"x": "interval(0, 1)"}}, [], tmp_path)
+    with pytest.raises(SystemExit):
+        search.run(bad_input)
+    assert [t.state for t in search.study.trials] == [TrialState.FAIL] * 2
+
+
+@pytest.mark.parametrize("kind", ["journal", "sqlite"])
+def test_a_stored_study_is_continued_by_the_next_sweep(tmp_path, kind):
+    storage = str(tmp_path / "s.journal") if kind == "journal" else f"sqlite:///{tmp_path / 's.db'}"
+    options = {**SETTINGS, "storage": storage, "params": {"x": "interval(0, 1)"}}
+    options["sampler"] = {"_target_": "optuna.samplers.RandomSampler", "seed": 7}
+    first = prepare(options, [], tmp_path / "first").run(FakeLauncher(tmp_path / "first", quadratic))
+    second = prepare(options, [], tmp_path / "second")  # a new process would open it the same way
+    assert len(second.study.trials) == 2
+    second.run(FakeLauncher(tmp_path / "second", quadratic))
+    assert [t.number for t in second.study.trials] == [0, 1, 2, 3]
+    # The seeded sampler does not replay the first sweep's trials (seed + trials so far).
+    assert len({t.params["x"] for t in second.study.trials}) == 4
+    assert [Path(t.user_attrs["run_dir"]).parent.name for t in second.study.trials] == ["first"] * 2 + [
+        "second"
+    ] * 2
+    results = OmegaConf.load(tmp_path / "second" / RESULTS_FILE)
+    assert results.trials == {"complete": 4} and results.storage == storage
+    assert results.best_value == max(t.value for t in second.study.trials) >= first.best_value
+    # The summary names the best run, which may be one of the earlier sweep.
+    write_sweep_summary(tmp_path / "second")
+    best_dir = Path(results.best_run_dir)
+    shown = best_dir.name if best_dir.parent.name == "second" else str(best_dir)
+    markdown = (tmp_path / "second" / "sweep_summary.md").read_text()
+    assert f"best value {results.best_value:.4f} (run `{shown}`) with x=" in markdown
+    with pytest.raises(
+        UserInputError, match=r"^hydra.sweeper.direction: study 's' in .* is to maximize, not minimize$"
+    ):
+        prepare({**options, "direction": "minimize"}, [], tmp_path / "third")
