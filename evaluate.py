@@ -5,8 +5,8 @@
     python evaluate.py compare=[RUN_A,RUN_B,...] [compare_metrics=[ndcg@10,hr@10]]
     python evaluate.py table=[RUN_A,RUN_B,...] [table_metrics=[test/ndcg@10,...]]
 
-compare: paired statistics of the runs' per-user results against the first (recsys/compare.py),
-written as comparison.md and comparison.csv. table: one row per run (recsys/tables.py), written
+compare: paired statistics of the runs' per-user results against the first (recsys/evaluation/compare.py),
+written as comparison.md and comparison.csv. table: one row per run (recsys/evaluation/tables.py), written
 as results.md, results.csv and results.tex. Each mode writes into hydra.run.dir.
 
 Rebuilds the data from the run's saved config.yaml, refuses a checkpoint whose data fingerprint
@@ -17,6 +17,7 @@ processes each evaluates its share of the users; rank 0 writes the files.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import hydra
@@ -25,17 +26,23 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from recsys.compare import average_over_seeds, compare_runs, comparison_markdown, load_run, seed_summary
-from recsys.data.datamodule import SPLITS
-from recsys.distributed import check_trainer_options, trainer_errors
+from recsys.data.split import SPLITS
 from recsys.errors import UserInputError
-from recsys.hardware import check_precision
-from recsys.metrics import check_seen_items
-from recsys.models.from_config import build_model
-from recsys.recommend import load_checkpoint, load_run_config
-from recsys.results import write_test_results
-from recsys.runs import atomic_path, format_table, run_with_user_errors, write_json_atomic
-from recsys.tables import results_table, to_markdown, write_tables
+from recsys.evaluation.compare import (
+    average_over_seeds,
+    compare_runs,
+    comparison_markdown,
+    load_run,
+    seed_summary,
+)
+from recsys.evaluation.metrics import check_seen_items
+from recsys.evaluation.results import write_test_results
+from recsys.evaluation.tables import format_table, results_table, to_markdown, write_tables
+from recsys.models.from_config import build_model, data_info
+from recsys.runs.files import atomic_path, run_with_user_errors, write_json_atomic
+from recsys.serving.recommend import check_same_data, load_checkpoint, load_run_config
+from recsys.training.distributed import check_trainer_options, trainer_errors
+from recsys.training.hardware import check_precision
 
 OmegaConf.register_new_resolver("project_root", lambda: str(Path(__file__).resolve().parent), replace=True)
 
@@ -64,22 +71,15 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         run_cfg.data.exclude_events = None if cfg.exclude_events == "all" else cfg.exclude_events
 
     datamodule = instantiate(run_cfg.data, seen_items=seen_items)
+    check_same_data(ckpt_path, checkpoint.get("data_fingerprint"), datamodule, run_cfg.data.path)
     datamodule.prepare_data()
     datamodule.setup("test")
-    trained_on = checkpoint.get("data_fingerprint")
-    if trained_on != datamodule.fingerprint:
-        raise UserInputError(
-            f"ckpt_path: {ckpt_path} was trained on other data (fingerprint {str(trained_on)[:12]}), "
-            f"not on {run_cfg.data.path} ({datamodule.fingerprint[:12]})"
-        )
-    model = build_model(
-        run_cfg,
-        datamodule,
-        num_items=checkpoint["num_items"],
-        data_fingerprint=trained_on,
-        evaluation=cfg.evaluation,
+    data = replace(
+        data_info(datamodule),
+        num_items=int(checkpoint["num_items"]),
         num_event_types=int(checkpoint.get("num_event_types", 0)),
     )
+    model = build_model(run_cfg, data, evaluation=cfg.evaluation)
     model.load_state_dict(checkpoint["state_dict"])
 
     precision = check_precision(cfg.precision, cfg.accelerator)

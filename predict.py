@@ -10,7 +10,7 @@ here is the rank evaluate.py reports, up to the order of tied scores), seen item
 exclude_seen=false; written a batch of users at a time, atomically. New sessions: the same file with
 a session column instead of user, plus fallback (empty session: most popular items) and
 unknown_items (ids not in the catalogue, skipped). Export: model.ts / model.onnx and item_ids.json
-in the output directory (recsys/export.py). Output goes to hydra.run.dir unless output= says where.
+in the output directory (recsys/serving/export.py). Output goes to hydra.run.dir unless output= says where.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from recsys.errors import UserInputError
-from recsys.recommend import HISTORY_SPLITS, Recommender, read_sessions
-from recsys.runs import atomic_path, run_with_user_errors
+from recsys.runs.files import atomic_path, run_with_user_errors
+from recsys.serving.recommend import HISTORY_SPLITS, Recommender, check_same_data, read_sessions
 
 OmegaConf.register_new_resolver("project_root", lambda: str(Path(__file__).resolve().parent), replace=True)
 
@@ -47,10 +47,10 @@ def predict(cfg: DictConfig, out_dir: Path) -> dict:
     recommender.check_k(cfg.k)
 
     if cfg.export:
-        from recsys.export import export_model
+        from recsys.serving.export import export_model
 
         written = export_model(
-            recommender.model,
+            recommender.network,
             cfg.k,
             out_dir,
             formats=list(cfg.export),
@@ -80,12 +80,8 @@ def predict(cfg: DictConfig, out_dir: Path) -> dict:
         data_config.path = cfg.data_path
     data_config.cache_dir = cfg.paths.cache_dir
     datamodule = instantiate(data_config)
+    check_same_data(cfg.ckpt_path, recommender.model.data_fingerprint, datamodule, data_config.path)
     datamodule.setup()
-    if datamodule.fingerprint != recommender.model.data_fingerprint:
-        raise UserInputError(
-            f"ckpt_path: {cfg.ckpt_path} was trained on other data than {data_config.path} "
-            f"(fingerprint {recommender.model.data_fingerprint[:12]} vs {datamodule.fingerprint[:12]})"
-        )
     rows = recommender.recommend_users(
         datamodule.data, cfg.split, cfg.k, path, cfg.exclude_seen, cfg.batch_size
     )

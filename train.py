@@ -6,7 +6,7 @@
 
 The run directory (hydra.run.dir) receives config.yaml, checkpoints/, metrics.json, per_user.parquet
 and the loggers' files. Pointed at the directory of an interrupted run, train.py resumes it from its
-newest complete checkpoint (recsys/resume.py).
+newest complete checkpoint (recsys/training/resume.py).
 """
 
 from __future__ import annotations
@@ -23,24 +23,17 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
 
-from recsys.callbacks import EpochTimer, TrainingState
-from recsys.distributed import trainer_errors
-from recsys.hardware import check_precision, maybe_compile, uses_cuda
-from recsys.metrics import check_seen_items
-from recsys.models.from_config import build_model, check_model_config
-from recsys.results import write_test_results
-from recsys.resume import AtomicCheckpointIO, check_resume_data, plan_resume
-from recsys.runs import (
-    build_loggers,
-    default_wandb_mode,
-    format_table,
-    git_state,
-    launch_rank,
-    log_wandb_results,
-    run_with_user_errors,
-    write_config,
-    write_json_atomic,
-)
+from recsys.evaluation.metrics import check_seen_items
+from recsys.evaluation.results import write_test_results
+from recsys.evaluation.tables import format_table
+from recsys.models.from_config import build_model, check_model_config, data_info
+from recsys.runs.files import run_with_user_errors, write_config, write_json_atomic
+from recsys.runs.loggers import build_loggers, default_wandb_mode, log_wandb_results
+from recsys.runs.provenance import git_state, launch_rank
+from recsys.training.callbacks import EpochTimer, TrainingState
+from recsys.training.distributed import check_trainer_options, trainer_errors
+from recsys.training.hardware import check_precision, maybe_compile, uses_cuda
+from recsys.training.resume import AtomicCheckpointIO, check_resume_data, plan_resume
 
 log = logging.getLogger(__name__)
 OmegaConf.register_new_resolver("project_root", lambda: str(Path(__file__).resolve().parent), replace=True)
@@ -57,15 +50,17 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     # So does a GPU asked for where there is none; bf16 where the GPU lacks it falls back.
     device_type = "cuda" if uses_cuda(cfg.trainer.accelerator) else "cpu"
     precision = check_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+    check_trainer_options(cfg.trainer)  # a strategy or devices that are not there, before the data
     # Reading and preprocessing are deterministic by themselves.
     datamodule = instantiate(cfg.data, seen_items=seen_items)
     datamodule.prepare_data()
     datamodule.setup("fit")
     if resume is not None:
         check_resume_data(resume, datamodule.fingerprint)
-    pl.seed_everything(cfg.seed, workers=True)
-    model = build_model(cfg, datamodule)
-    maybe_compile(model, cfg.compile, device_type)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)  # Lightning's line would go to stderr
+    log.info("seed %d", cfg.seed)
+    model = build_model(cfg, data_info(datamodule))
+    maybe_compile(model.network, cfg.compile, device_type)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     training_state = TrainingState()  # RNG states etc. in every checkpoint, for an exact resume
     callbacks.append(training_state)

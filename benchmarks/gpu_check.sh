@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU tests and benchmarks in one go, for a lent GPU machine (see README.md, "Benchmarks").
+# The GPU tests and benchmarks in one go, for a lent GPU machine (see docs/benchmarks.md).
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh          # on the GPU machine, from the repo root
 #   QUICK=1 OUT=/tmp/check bash benchmarks/gpu_check.sh  # tiny sizes: a dry run on any machine

@@ -17,7 +17,7 @@ import time
 import torch
 from report import emit, peak_memory, pick_device, reset_peak_memory, synchronize
 
-from recsys.metrics import chunked_ranking, target_ranks, top_k_items
+from recsys.evaluation.metrics import chunked_ranking, target_ranks, top_k_items
 
 
 def main() -> None:

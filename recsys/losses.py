@@ -6,13 +6,14 @@ embedding table (row 0 is padding), and returns a scalar:
     loss(hidden (T, d), targets (T,) in 1..num_items, item_embeddings (num_items + 1, d)) -> ()
 
 Losses that draw negatives own a seeded `NegativeSampler`, so the negatives of a run depend only on
-the loss's seed, not on how many random numbers the model's dropout used before them. A loss
-whose config has an `item_counts` key receives the training set's item counts (popularity sampling
-and logQ correction need them).
+the loss's seed, not on how many random numbers the model's dropout used before them. A loss class
+that declares `uses_item_counts = True` is given the training set's item counts as `item_counts`
+(popularity sampling and logQ correction need them).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 
@@ -81,7 +82,8 @@ class FullCrossEntropy(nn.Module):
         if self.fused and self._fused_can_run(hidden.device):
             return fused_cross_entropy(hidden, catalogue, targets - 1)
         if self.chunk_size is None:
-            return F.cross_entropy((hidden @ catalogue.T).float(), targets - 1)
+            with float32_logits(hidden):
+                return F.cross_entropy(hidden.float() @ catalogue.float().T, targets - 1)
         tokens, items = hidden.size(0), catalogue.size(0)
         item_chunk = self.item_chunk_size
         if item_chunk is None and tokens * items * 4 > LOGITS_BUDGET_BYTES:
@@ -289,6 +291,12 @@ def uniform_negatives(
     return negatives + (negatives >= targets[:, None]).long()
 
 
+def float32_logits(hidden: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off, for logits computed from float32 operands: under bf16 autocast a matmul would
+    run in bf16 (three significant digits), and close scores would tie or swap."""
+    return torch.autocast(device_type=hidden.device.type, enabled=False)
+
+
 def _check_num_negatives(num_negatives: int) -> None:
     if not isinstance(num_negatives, int) or num_negatives < 1:
         raise UserInputError(f"loss.num_negatives: must be an integer >= 1, got {num_negatives!r}")
@@ -298,8 +306,10 @@ def _positive_and_negative_logits(
     hidden: torch.Tensor, targets: torch.Tensor, item_embeddings: torch.Tensor, negatives: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Float32 logits of each token's positive (T,) and of its own negatives (T, N)."""
-    positive = (hidden * item_embeddings[targets]).sum(-1).float()
-    negative = torch.einsum("td,tnd->tn", hidden, item_embeddings[negatives]).float()
+    with float32_logits(hidden):
+        hidden, item_embeddings = hidden.float(), item_embeddings.float()
+        positive = (hidden * item_embeddings[targets]).sum(-1)
+        negative = torch.einsum("td,tnd->tn", hidden, item_embeddings[negatives])
     return positive, negative
 
 
@@ -316,6 +326,8 @@ class SampledSoftmax(nn.Module):
     `logq_correction` every candidate's logit gets - log q(item) (Yi et al., RecSys 2019).
     `num_negatives` is then unused.
     """
+
+    uses_item_counts = True  # recsys/models/from_config.py passes the training counts
 
     def __init__(
         self,
@@ -338,7 +350,8 @@ class SampledSoftmax(nn.Module):
         num_items = item_embeddings.size(0) - 1
         if self.in_batch:
             candidates, positive_column = torch.unique(targets, return_inverse=True)
-            logits = (hidden @ item_embeddings[candidates].T).float()
+            with float32_logits(hidden):
+                logits = hidden.float() @ item_embeddings[candidates].float().T
             if self.logq_correction:
                 logits = logits - self.sampler.probabilities(num_items, hidden.device)[candidates].log()
             return F.cross_entropy(logits, positive_column)

@@ -12,10 +12,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from recsys.data.datamodule import EventSplit
 from recsys.data.preprocess import SequenceData
+from recsys.data.split import EventSplit
 from recsys.errors import UserInputError
-from recsys.results import HISTORY_LENGTH_EDGES, bucket_labels
+from recsys.evaluation.results import HISTORY_LENGTH_EDGES, bucket_labels
 
 
 def purchases_browsed_before(

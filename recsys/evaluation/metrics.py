@@ -193,9 +193,10 @@ def _chunked_pass(queries, item_vectors, target, exclude, k, chunk_size):
             # NaN < t is False, so NaN scores (and every item, if t is NaN) count as above.
             if target is not None:
                 below = scores < target_score[:, None]
-                near_rows, near_items = (
-                    (scores - target_score[:, None]).abs() <= tolerance[:, None]
-                ).nonzero(as_tuple=True)
+                # Only finite scores: padding and seen items (-inf) keep their place below the
+                # target even when a non-finite item norm makes the tolerance infinite.
+                near = ((scores - target_score[:, None]).abs() <= tolerance[:, None]) & scores.isfinite()
+                near_rows, near_items = near.nonzero(as_tuple=True)
                 if near_rows.numel():
                     exact = _exact_dot(queries[near_rows], item_vectors[begin + near_items])
                     below[near_rows, near_items] = exact < exact_target[near_rows]

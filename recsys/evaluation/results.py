@@ -18,8 +18,8 @@ import pandas as pd
 import torch
 
 from recsys.data.preprocess import SequenceData
-from recsys.metrics import metrics_from_ranks
-from recsys.runs import atomic_path
+from recsys.evaluation.metrics import metrics_from_ranks
+from recsys.runs.files import atomic_path
 
 # Left-closed bucket edges; the last bucket is open-ended.
 HISTORY_LENGTH_EDGES = (1, 3, 5, 10, 20, 50, 200)

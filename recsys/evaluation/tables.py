@@ -8,6 +8,7 @@ writes results.md, results.csv and results.tex into the evaluation's output dire
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from recsys.errors import UserInputError
-from recsys.runs import atomic_path
+from recsys.runs.files import atomic_path
 
 DEFAULT_TABLE_METRICS = ("test/hr@10", "test/ndcg@10", "test/mrr@10", "val/ndcg@10")
 
@@ -98,3 +99,12 @@ def write_tables(table: pd.DataFrame, out_dir: Path, stem: str = "results") -> N
             tmp.write_text(text)
     with atomic_path(out_dir / f"{stem}.csv") as tmp:
         table.to_csv(tmp, index=False)
+
+
+def format_table(metrics: dict[str, float], prefix: str, ks) -> str:
+    """A plain-text table, one row per K: HR, NDCG, MRR."""
+    lines = [f"{'K':>4} {'HR':>8} {'NDCG':>8} {'MRR':>8}"]
+    for k in ks:
+        row = [metrics.get(f"{prefix}/{name}@{k}", math.nan) for name in ("hr", "ndcg", "mrr")]
+        lines.append(f"{k:>4} " + " ".join(f"{v:8.4f}" for v in row))
+    return "\n".join(lines)

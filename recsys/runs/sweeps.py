@@ -3,7 +3,7 @@
     python train.py -m model=sasrec,bert4rec data=amazon_beauty        # a grid, one run per combination
     python train.py +hparams_search=sasrec_optuna                       # an Optuna search (configs/hparams_search/)
     python train.py -m hydra/launcher=slurm model.dropout=0.2,0.4       # the same on a SLURM cluster
-    python -m recsys.sweeps logs/multirun/<time>                        # (re)write a sweep's summary
+    python -m recsys.runs.sweeps logs/multirun/<time>                        # (re)write a sweep's summary
 
 `SweepSummary` is a Hydra callback (configs/train.yaml, `hydra.callbacks`). In a multirun it
 - records each run's overrides in `<run dir>/overrides.yaml` when the run starts (in the run's own
@@ -16,7 +16,7 @@
   after a submitit launcher's jobs have finished too).
 
 Runs without metrics.json are listed with status `failed`. A sweep whose launching process was
-stopped (or a run killed outright) gets its summary from `python -m recsys.sweeps SWEEP_DIR`.
+stopped (or a run killed outright) gets its summary from `python -m recsys.runs.sweeps SWEEP_DIR`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from recsys.runs import atomic_path, write_text_atomic
+from recsys.runs.files import atomic_path, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +180,16 @@ def summary_markdown(table: pd.DataFrame, sweep_dir: str | os.PathLike) -> str:
     if results.is_file():
         optuna = OmegaConf.load(results)
         if "best_params" in optuna:
+            # With a stored study the best trial may be a run of an earlier sweep.
+            where = ""
+            if optuna.get("best_run_dir"):
+                run_dir = Path(optuna.best_run_dir)
+                inside = run_dir.resolve().is_relative_to(sweep_dir.resolve())
+                where = (
+                    f" (run `{run_dir.resolve().relative_to(sweep_dir.resolve()) if inside else run_dir}`)"
+                )
             lines.append(
-                f"Optuna (optimization_results.yaml): best value {optuna.best_value:.4f} with "
+                f"Optuna (optimization_results.yaml): best value {optuna.best_value:.4f}{where} with "
                 + ", ".join(f"{k}={v}" for k, v in optuna.best_params.items())
                 + "."
             )
@@ -214,7 +222,7 @@ def write_sweep_summary(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    usage = "usage: python -m recsys.sweeps SWEEP_DIR   (writes SWEEP_DIR/sweep_summary.md and .csv)"
+    usage = "usage: python -m recsys.runs.sweeps SWEEP_DIR   (writes SWEEP_DIR/sweep_summary.md and .csv)"
     if args in (["-h"], ["--help"]):
         print(usage)
         return 0

@@ -31,7 +31,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -42,6 +41,7 @@ import torch
 from torch import nn
 
 from recsys.errors import UserInputError
+from recsys.runs.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def _tracing() -> Iterator[None]:
     pl.LightningModule._jit_is_scripting = True
     try:
         with torch.no_grad(), warnings.catch_warnings():
-            # The shape checks the tracer warns about (keep_last_items' width test, unpacking q, k, v)
+            # The shape checks the tracer warns about (keep_last_positions' width test, unpacking q, k, v)
             # depend on the fixed input width only, not on the values.
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             # torch.jit and the TorchScript-based ONNX exporter are deprecated in favour of torch.export.
@@ -157,29 +157,12 @@ def _check_writable(path: Path, overwrite: bool) -> None:
         raise UserInputError(f"export: {path} exists; pass overwrite=True to replace it")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _write_atomically(path: Path, write: Callable[[str], None], overwrite: bool) -> Path:
-    """write(temporary_path) a file in path's directory, then rename it to path."""
+    """write(temporary_path) a file in path's directory, then rename it to path (atomic_path)."""
     path = Path(path)
     _check_writable(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    )
-    handle.close()
-    try:
-        write(handle.name)
-        # NamedTemporaryFile is private (0600); give the file the permissions open() would have.
-        os.chmod(handle.name, 0o666 & ~_umask())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        write(str(tmp))
     return path
 
 

@@ -6,7 +6,7 @@
 
 A `Recommender` is a model plus the catalogue it was trained on (original item id of each index,
 training item counts), both read from the checkpoint, so new sessions need no data set. Scores are
-the model's, ranked by `recsys.metrics.chunked_top_k` (a chunk of items at a time: fixed memory at
+the model's, ranked by `recsys.evaluation.metrics.chunked_top_k` (a chunk of items at a time: fixed memory at
 any catalogue size) with the items of each history left out unless `exclude_seen=False`.
 
 Histories of known users come from the data exactly as evaluation builds them (`split=test`: the
@@ -29,12 +29,14 @@ import pyarrow.parquet as pq
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from recsys.data.datamodule import EvalUsers, EventSplit, gather_windows
+from recsys.data.datasets import EvalUsers, gather_windows
 from recsys.data.preprocess import SequenceData
+from recsys.data.split import EventSplit
 from recsys.errors import UserInputError
-from recsys.metrics import chunked_top_k, top_k_items
-from recsys.models.base import SequentialRecommender
-from recsys.runs import atomic_path
+from recsys.evaluation.metrics import chunked_top_k, top_k_items
+from recsys.models.network import DataInfo
+from recsys.runs.files import atomic_path
+from recsys.training.module import SequentialRecommender, upgrade_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,20 @@ def load_checkpoint(path: str | Path) -> dict:
         ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "num_items" not in checkpoint:
         raise UserInputError(f"ckpt_path: {path} is not a checkpoint written by train.py")
+    checkpoint["state_dict"] = upgrade_state_dict(checkpoint["state_dict"])  # older layouts too
     return checkpoint
+
+
+def check_same_data(ckpt_path: str | Path, trained_on: str | None, datamodule, data_path) -> None:
+    """UserInputError unless the data module's data has the fingerprint the checkpoint was trained on
+    (evaluate.py, predict.py and a checkpoint completed from its run's data all check this), checked
+    before the data is preprocessed or cached: a refused run leaves nothing behind."""
+    found = datamodule.source_fingerprint()
+    if trained_on != found:
+        raise UserInputError(
+            f"ckpt_path: {ckpt_path} was trained on other data than {data_path} "
+            f"(fingerprint {str(trained_on)[:12]} vs {found[:12]})"
+        )
 
 
 def load_run_config(ckpt_path: Path, run_dir: str | Path | None) -> DictConfig:
@@ -80,6 +95,7 @@ class Recommender:
             )
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        self.network = self.model.network
         self.item_ids = np.asarray(item_ids)
         self.item_counts = torch.as_tensor(item_counts).to(torch.float64)
         self.max_len = max_len
@@ -115,16 +131,15 @@ class Recommender:
         else:
             datamodule = cls._run_data(cfg, checkpoint, ckpt_path)
             item_ids, counts = datamodule.data.item_ids, datamodule.train_item_counts()
-        model = build_model(
-            cfg,
+        data = DataInfo(
             num_items=int(checkpoint["num_items"]),
-            data_fingerprint=str(checkpoint.get("data_fingerprint", "")),
-            item_counts=counts,
-            item_ids=item_ids,
-            evaluation={},
             num_event_types=int(checkpoint.get("num_event_types", 0)),
+            train_item_counts=counts,
+            item_ids=item_ids,
+            fingerprint=str(checkpoint.get("data_fingerprint", "")),
         )
-        if model.reads_events:
+        model = build_model(cfg, data, evaluation={})
+        if model.network.reads_events:
             raise UserInputError(
                 f"ckpt_path: {ckpt_path} is a model that reads event types or time gaps "
                 "(model.event_embedding / model.time_gaps); serving takes item histories only, so it "
@@ -139,12 +154,8 @@ class Recommender:
         from hydra.utils import instantiate
 
         datamodule = instantiate(cfg.data)
+        check_same_data(ckpt_path, checkpoint.get("data_fingerprint"), datamodule, cfg.data.get("path"))
         datamodule.setup()
-        if checkpoint.get("data_fingerprint") != datamodule.fingerprint:
-            raise UserInputError(
-                f"ckpt_path: {ckpt_path} was trained on other data than {cfg.data.get('path')} "
-                f"(fingerprint {str(checkpoint.get('data_fingerprint'))[:12]} vs {datamodule.fingerprint[:12]})"
-            )
         return datamodule
 
     # --- ranking -----------------------------------------------------------------------------------
@@ -161,10 +172,10 @@ class Recommender:
         of `exclude` (default: the history itself) are left out; None = leave nothing out."""
         history = history.to(self.device)
         exclude = None if exclude is None else exclude.to(self.device)
-        if self.model.scores_by_dot_product:
-            queries = self.model.user_vectors(history)
-            return chunked_top_k(queries, self.model.item_vectors(), exclude, k, self.item_chunk_size)
-        scores = self.model.score(history).float()
+        if self.network.scores_by_dot_product:
+            queries = self.network.user_vectors(history)
+            return chunked_top_k(queries, self.network.item_vectors(), exclude, k, self.item_chunk_size)
+        scores = self.network.score(history).float()
         items = top_k_items(scores, exclude, k)
         return scores.gather(1, items), items
 

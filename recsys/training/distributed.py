@@ -1,8 +1,8 @@
 """Trainer options for one or several processes: one-line errors when they cannot be met.
 
 Lightning does the multi-process work (launching the processes, the process group, all-reduce and
-all-gather); the data module deals each process its own batches (recsys/data/datamodule.py) and
-the model reduces the metrics exactly (recsys/models/base.py). What is left here is turning a
+all-gather); the data module deals each process its own batches (recsys/data/batching.py) and
+the model reduces the metrics exactly (recsys/training/module.py). What is left here is turning a
 trainer that cannot be built as asked (a strategy name that does not exist, GPUs that are not
 there) into a `UserInputError` that names the key, before or while Lightning builds the Trainer.
 """

@@ -5,7 +5,7 @@ checkpoint but no `metrics.json` resumes that run: `plan_resume` refuses a finis
 different config (naming the keys) and a directory without a complete checkpoint, and picks the
 newest complete checkpoint (`checkpoints/*.ckpt`, or a SLURM requeue's `hpc_ckpt_*.ckpt`).
 Lightning restores weights, optimizer, scheduler, loops and callback states (early stopping,
-best checkpoint); `recsys.callbacks.TrainingState` adds the random number generators.
+best checkpoint); `recsys.training.callbacks.TrainingState` adds the random number generators.
 
 `AtomicCheckpointIO` writes every checkpoint to a temporary file beside it and renames it into
 place, so a checkpoint file is either complete or absent. `CSVLogger` keeps a resumed run's
@@ -27,7 +27,7 @@ from pytorch_lightning.loggers import CSVLogger as LightningCSVLogger
 from pytorch_lightning.plugins import TorchCheckpointIO
 
 from recsys.errors import UserInputError
-from recsys.runs import atomic_path
+from recsys.runs.files import atomic_path
 
 log = logging.getLogger(__name__)
 

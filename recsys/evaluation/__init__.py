@@ -1,0 +1,1 @@
+"""Evaluation: the ranking metrics, per-user results, paired comparisons and tables of runs."""

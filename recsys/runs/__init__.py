@@ -1,0 +1,1 @@
+"""Running the project: run-directory files, loggers, provenance, sweeps."""

@@ -1,0 +1,1 @@
+"""Serving: recommendations from a checkpoint, and the exported scoring model."""
