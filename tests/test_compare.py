@@ -6,7 +6,8 @@ import pytest
 import torch
 from scipy import stats
 
-from recsys.compare import (
+from recsys.errors import UserInputError
+from recsys.evaluation.compare import (
     average_over_seeds,
     compare_runs,
     comparison_markdown,
@@ -18,9 +19,8 @@ from recsys.compare import (
     seed_summary,
     wilcoxon_pvalue,
 )
-from recsys.errors import UserInputError
-from recsys.metrics import metrics_from_ranks
-from recsys.tables import results_table, to_latex, to_markdown
+from recsys.evaluation.metrics import metrics_from_ranks
+from recsys.evaluation.tables import results_table, to_latex, to_markdown
 
 
 def write_run(path, ranks, users=None, targets=None, config=None, metrics=None):

@@ -107,3 +107,56 @@ def test_fused_auto_without_a_gpu_is_silent(caplog):
 def test_fused_must_be_true_false_or_auto():
     with pytest.raises(UserInputError, match="loss.fused: must be true, false or auto, got 'yes'"):
         FullCrossEntropy(fused="yes")
+
+
+# Random shapes for the kernels: tokens, items and dims drawn from a seeded generator, tiles of 16
+# or 32, so that shapes end mid-tile and the ranges of items and tokens split unevenly. The
+# reference is the softmax written out in float64 (no F.cross_entropy).
+RANDOM_CHECK = """
+import json, sys
+import torch
+from recsys.fused_cross_entropy import fused_cross_entropy
+report = []
+generator = torch.Generator().manual_seed(int(sys.argv[1]))
+def draw(low, high):
+    return int(torch.randint(low, high + 1, (), generator=generator))
+for case in range(int(sys.argv[2])):
+    tokens, items, dim = draw(1, 70), draw(1, 150), draw(1, 40)
+    block_tokens, block_items = 16 * draw(1, 2), 16 * draw(1, 2)
+    hidden = torch.randn(tokens, dim, generator=generator).requires_grad_()
+    weight = (0.5 * torch.randn(items, dim, generator=generator)).requires_grad_()
+    targets = torch.randint(0, items, (tokens,), generator=generator)
+    targets[0], targets[-1] = items - 1, 0
+    value = fused_cross_entropy(hidden, weight, targets, block_tokens, block_items)
+    grads = torch.autograd.grad(1.7 * value, (hidden, weight))
+    logits = hidden.double() @ weight.double().T
+    peak = logits.max(dim=1, keepdim=True).values
+    logsumexp = peak[:, 0] + (logits - peak).exp().sum(dim=1).log()
+    reference = (logsumexp - logits[torch.arange(tokens), targets]).mean()
+    want = torch.autograd.grad(1.7 * reference, (hidden, weight))
+    report.append({
+        "shape": [tokens, items, dim, block_tokens, block_items],
+        "value": abs(value.item() - reference.item()) / max(abs(reference.item()), 1e-6),
+        "grads": [float((g.double() - w).abs().max() / w.abs().max().clamp_min(1e-12)) for g, w in zip(grads, want)],
+    })
+print(json.dumps(report))
+"""
+
+
+def run_interpreted(script, *args):
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(_triton_interpreter_problem() is not None, reason=str(_triton_interpreter_problem()))
+def test_fused_kernels_equal_a_plain_softmax_over_random_shapes():
+    report = run_interpreted(RANDOM_CHECK, "0", "20")
+    assert len(report) == 20
+    for case in report:
+        assert case["value"] < 1e-5, case
+        assert max(case["grads"]) < 1e-5, case

@@ -58,7 +58,10 @@ def test_compiled_and_eager_models_agree():
     # which takes most of a minute per model on 2 CPU cores. The GPU tests (tests/models/test_gpu.py)
     # compile SASRec and BERT4Rec with the real (inductor) backend.
     torch.manual_seed(0)
-    for model in (SASRec(DataInfo(30), max_len=6, dim=16, dropout=0.0), BERT4Rec(DataInfo(30), max_len=6, dim=16, dropout=0.0)):
+    for model in (
+        SASRec(DataInfo(30), max_len=6, dim=16, dropout=0.0),
+        BERT4Rec(DataInfo(30), max_len=6, dim=16, dropout=0.0),
+    ):
         model.eval()
         history = torch.tensor([[3, 4, 5, 0, 0, 0], [1, 2, 3, 4, 5, 6]])
         eager = model.user_vectors(history)

@@ -230,3 +230,100 @@ def test_logit_bias_starts_at_the_best_constant_score_and_is_learned():
         4 * torch.sigmoid(torch.tensor(b)).item()
     )
     assert BinaryCrossEntropy(1).logit_bias is None  # the original SASRec loss has none
+
+
+def plain_full_softmax(hidden, targets, table):
+    """mean_t [log sum_j exp(h_t . w_j) - h_t . w_{y_t}] over the real items j = 1..N, in float64,
+    the logsumexp written out."""
+    logits = hidden.double() @ table[1:].double().T
+    peak = logits.max(dim=1, keepdim=True).values
+    logsumexp = peak[:, 0] + (logits - peak).exp().sum(dim=1).log()
+    return (logsumexp - logits[torch.arange(len(targets)), targets - 1]).mean()
+
+
+def random_loss_case(seed):
+    """Random tokens, items, dims and chunk sizes (some dividing the sizes, most not); targets
+    that include the first and the last item."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(low, high):
+        return int(torch.randint(low, high + 1, (), generator=generator))
+
+    tokens, items, dim = draw(1, 150), draw(1, 120), draw(1, 24)
+    hidden = torch.randn(tokens, dim, generator=generator).requires_grad_()
+    table = (torch.randn(items + 1, dim, generator=generator) * 0.7).requires_grad_()
+    targets = torch.randint(1, items + 1, (tokens,), generator=generator)
+    targets[0] = items
+    targets[-1] = 1
+    chunk = draw(1, tokens + 3) if seed % 3 else max(1, tokens // max(1, draw(1, 4)))
+    item_chunk = draw(1, items) if seed % 4 else max(1, items // max(1, draw(1, 4)))
+    return hidden, table, targets, chunk, item_chunk
+
+
+@pytest.mark.parametrize("path", ["plain", "token_chunks", "item_chunks"])
+def test_every_cross_entropy_path_equals_a_plain_full_softmax_over_random_shapes(path):
+    """30 random cases per path: value and both gradients (through an upstream gradient other than
+    1) against the float64 reference; the padding row never gets a gradient."""
+    for seed in range(30):
+        hidden, table, targets, chunk, item_chunk = random_loss_case(seed)
+        loss = {
+            "plain": FullCrossEntropy(chunk_size=None),
+            "token_chunks": FullCrossEntropy(chunk_size=chunk),
+            "item_chunks": FullCrossEntropy(item_chunk_size=item_chunk),
+        }[path]
+        value = loss(hidden, targets, table)
+        reference = plain_full_softmax(hidden, targets, table)
+        assert value.dtype == torch.float32
+        assert value.item() == pytest.approx(reference.item(), rel=1e-5, abs=1e-6), seed
+        grads = torch.autograd.grad(2.5 * value, (hidden, table))
+        want = torch.autograd.grad(2.5 * reference, (hidden, table))
+        for got, expected in zip(grads, want):
+            torch.testing.assert_close(got, expected.float(), rtol=1e-4, atol=1e-5, msg=f"seed {seed}")
+        assert grads[1][0].abs().sum() == 0, seed
+
+
+@pytest.mark.parametrize("options", [{"chunk_size": 7}, {"chunk_size": 1000}, {"item_chunk_size": 9}])
+@pytest.mark.parametrize("hidden_dtype", [torch.float32, torch.bfloat16])
+def test_chunked_cross_entropy_computes_in_float32_under_cpu_bf16_autocast(options, hidden_dtype):
+    """Under a bf16 autocast the token- and item-chunked losses give the float32 loss of the same
+    operands (the hidden states as a bf16 autocast model hands them over, or float32), with
+    float32 gradients cast to each input's dtype; bf16 logits would be off by ~1e-3."""
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(50, 32, generator=generator).to(hidden_dtype).requires_grad_()
+    table = torch.randn(201, 32, generator=generator).requires_grad_()
+    targets = torch.randint(1, 201, (50,), generator=generator)
+    loss = FullCrossEntropy(**options)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = loss(hidden, targets, table)
+        grads = torch.autograd.grad(value, (hidden, table))
+    assert value.dtype == torch.float32
+    assert grads[0].dtype == hidden_dtype and grads[1].dtype == torch.float32
+    exact = hidden.detach().float().requires_grad_()
+    reference = plain_full_softmax(exact, targets, table)
+    want = torch.autograd.grad(reference, (exact, table))
+    assert value.item() == pytest.approx(reference.item(), rel=1e-6)
+    torch.testing.assert_close(grads[0].float(), want[0].to(hidden_dtype).float(), rtol=1e-2, atol=1e-5)
+    torch.testing.assert_close(grads[1], want[1].float(), rtol=1e-4, atol=1e-6)
+    # The same call without autocast: the same float32 computation.
+    assert value.item() == pytest.approx(loss(hidden, targets, table).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: FullCrossEntropy(chunk_size=None),
+        lambda: SampledSoftmax(20, seed=1),
+        lambda: SampledSoftmax(sampler="in_batch", item_counts=torch.arange(201)),
+        lambda: BinaryCrossEntropy(3, seed=1),
+    ],
+    ids=["ce_unchunked", "sampled_softmax", "in_batch", "bce"],
+)
+def test_every_pytorch_loss_computes_logits_in_float32_under_cpu_bf16_autocast(make):
+    generator = torch.Generator().manual_seed(0)
+    hidden, table = torch.randn(50, 32, generator=generator), torch.randn(201, 32, generator=generator)
+    targets = torch.randint(1, 201, (50,), generator=generator)
+    reference = make()(hidden, targets, table)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = make()(hidden, targets, table)  # the same seed: the same negatives
+    assert value.dtype == torch.float32
+    assert value.item() == pytest.approx(reference.item(), rel=1e-6)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from recsys.errors import UserInputError
-from recsys.metrics import (
+from recsys.evaluation.metrics import (
     ListMetrics,
     RankingMetrics,
     chunked_ranking,
@@ -16,7 +16,9 @@ from recsys.metrics import (
     target_ranks,
     top_k_items,
 )
+from recsys.models.network import DataInfo
 from recsys.models.sasrec import SASRec
+from tests.builders import module
 
 
 def scores_from(rows):
@@ -124,21 +126,29 @@ def test_precision_and_map_from_the_rank():
     assert values["map@5"].tolist() == pytest.approx([1.0, 0.25, 0.0])  # one relevant item: 1 / rank
 
 
-def test_metrics_agree_with_trec_eval_on_random_rankings():
+@pytest.mark.parametrize("ties", [False, True])
+def test_metrics_agree_with_trec_eval_on_random_rankings(ties):
     pytrec_eval = pytest.importorskip("pytrec_eval")
     generator = torch.Generator().manual_seed(0)
     num_users, num_items = 300, 60
     scores = torch.rand(num_users, num_items + 1, generator=generator)  # continuous: no ties
+    if ties:
+        scores = (scores * 8).round() / 8  # 9 distinct values: many items tie with the target
     target = torch.randint(1, num_items + 1, (num_users,), generator=generator)
     exclude = torch.randint(1, num_items + 1, (num_users, 5), generator=generator)
     exclude = torch.where(exclude == target[:, None], 0, exclude)  # the target is never excluded here
     ours = metrics_from_ranks(target_ranks(scores, target, exclude), ks=(5, 10))
-    # trec_eval gets each user's ranked list with the seen items already removed.
+    # trec_eval gets each user's ranked list with the seen items already removed, built here in
+    # plain Python (none of our ranking code): candidates sorted by score, best first, an item
+    # tied with the target placed before it (pessimistic ties); trec_eval's scores are the list
+    # positions, so that it keeps this order.
     run, qrels = {}, {}
     for u in range(num_users):
-        items = top_k_items(scores[u : u + 1], exclude[u : u + 1], num_items)[0].tolist()
+        row, seen, answer = scores[u].tolist(), set(exclude[u].tolist()), int(target[u])
+        candidates = [i for i in range(1, num_items + 1) if i not in seen]
+        items = sorted(candidates, key=lambda i: (-row[i], i == answer))
         run[str(u)] = {str(i): float(len(items) - pos) for pos, i in enumerate(items)}
-        qrels[str(u)] = {str(int(target[u])): 1}
+        qrels[str(u)] = {str(answer): 1}
     evaluator = pytrec_eval.RelevanceEvaluator(
         qrels, {"ndcg_cut.5,10", "P.5,10", "map_cut.5,10", "recall.5,10"}
     )
@@ -201,7 +211,7 @@ def test_k_larger_than_the_catalogue_is_a_user_error():
     with pytest.raises(
         UserInputError, match=r"model.ks: each K must lie in 1..5 \(the catalogue\), got \[1, 10\]"
     ):
-        SASRec(num_items=5, ks=(1, 10))
+        module(SASRec(DataInfo(5)), ks=(1, 10))
 
 
 @pytest.mark.parametrize("chunk_size", [1, 4, 13, 50, 1000])
@@ -252,3 +262,120 @@ def test_chunked_top_k_scores_leave_excluded_items_at_minus_infinity():
         assert top[row, :count].tolist() == reference[row, :count].tolist()
     torch.testing.assert_close(scores[finite], full.gather(1, top)[finite])
     assert finite.sum(dim=1).tolist() == [2, 7, 5]  # 7 items minus the distinct seen ones
+
+
+def random_ranking_case(seed):
+    """Queries and item vectors of random sizes, with what chunking can get wrong: small-integer
+    entries (exact dot products in float32, so many exact ties), items that duplicate an item of
+    another chunk (the target's own vector among them), a target that is also in its excluded history, duplicated and padding entries
+    in the history, a NaN item, a query of NaNs and an infinite item coordinate (targets scored
+    NaN, +inf or -inf; an infinite item norm)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(low, high):
+        return int(torch.randint(low, high + 1, (), generator=generator))
+
+    if seed % 2:
+        batch, num_items, dim = draw(1, 9), draw(2, 70), draw(1, 6)
+    else:  # sizes at which a BLAS (MKL) sums some columns of one product in another order
+        batch, num_items, dim = draw(1, 4), draw(2, 200), draw(20, 130)
+    width = num_items + 1
+    # Chunk sizes that divide the width (padding row included) and ones that do not.
+    divisors = [c for c in range(1, width + 1) if width % c == 0]
+    chunk_size = divisors[draw(0, len(divisors) - 1)] if seed % 2 else draw(1, width + 3)
+    if seed % 3 == 0:
+        queries = torch.randint(-3, 4, (batch, dim), generator=generator).float()
+        items = torch.randint(-3, 4, (width, dim), generator=generator).float()
+    else:
+        queries, items = (
+            torch.randn(batch, dim, generator=generator),
+            torch.randn(width, dim, generator=generator),
+        )
+    for _ in range(draw(1, 4)):  # exact ties that straddle chunk boundaries
+        source = draw(1, num_items)
+        items[min(num_items, source + chunk_size * draw(1, 2))] = items[source]
+    target = torch.randint(1, width, (batch,), generator=generator)
+    for row in range(batch):  # the target's own vector in another chunk: an exact tie
+        twin = int(target[row]) + chunk_size * draw(1, 2)
+        if twin <= num_items:
+            items[twin] = items[target[row]]
+    exclude = torch.randint(0, width, (batch, draw(0, 8)), generator=generator)
+    if exclude.size(1) and batch > 1:
+        exclude[1, 0] = target[1]  # a target in its own history stays a candidate
+    if seed % 5 == 1:
+        items[draw(1, num_items)] = torch.nan
+    if seed % 7 == 2:
+        queries[draw(0, batch - 1)] = torch.nan
+    if seed % 11 == 3:
+        items[draw(1, num_items), draw(0, dim - 1)] = torch.inf
+    k = draw(1, num_items + 3)
+    return queries, items, target, exclude, k, chunk_size
+
+
+def exact_scores(queries, items):
+    """The (B, items) dot products from one elementwise product summed in float64: equal item
+    vectors score exactly equal (a matrix product need not), then float32 as the ranking uses."""
+    return (queries[:, None, :].double() * items[None, :, :].double()).sum(dim=-1).float()
+
+
+def test_chunked_ranking_equals_the_full_score_matrix_over_random_cases():
+    """50 random cases: ranks equal `target_ranks` of the full scores; the top-k lists (of
+    `chunked_ranking` and `chunked_top_k`) hold candidates only, each once, with the very scores
+    of `top_k_items` in the same order (tied items may swap)."""
+    for seed in range(50):
+        queries, items, target, exclude, k, chunk_size = random_ranking_case(seed)
+        scores = exact_scores(queries, items)
+        ranks, top = chunked_ranking(queries, items, target, exclude, k, chunk_size)
+        assert torch.equal(ranks, target_ranks(scores, target, exclude)), seed
+        reference = top_k_items(scores, exclude, k)
+        top_scores, top_alone = chunked_top_k(queries, items, exclude, k, chunk_size)
+        assert torch.equal(top_alone, top), seed
+        assert top.shape == reference.shape, seed
+        masked = scores.masked_fill(~_candidate_mask(scores, exclude), -torch.inf)
+        torch.testing.assert_close(masked.gather(1, top), masked.gather(1, reference), equal_nan=True)
+        torch.testing.assert_close(top_scores, masked.gather(1, top), equal_nan=True, msg=f"seed {seed}")
+        for row in range(len(top)):
+            listed = [i for i, s in zip(top[row].tolist(), top_scores[row].tolist()) if s != -math.inf]
+            allowed = set(range(1, scores.size(1))) - set(exclude[row].tolist())
+            assert len(set(listed)) == len(listed) and set(listed) <= allowed, seed
+
+
+def _candidate_mask(scores, exclude):
+    """True where an item is a candidate: a real item (not 0) that is not excluded."""
+    mask = torch.ones_like(scores, dtype=torch.bool)
+    mask[:, 0] = False
+    for row, seen in enumerate(exclude.tolist()):
+        mask[row, seen] = False
+    return mask
+
+
+@pytest.mark.parametrize("query_dtype", [torch.float32, torch.bfloat16])
+def test_chunked_ranking_scores_in_float32_under_cpu_bf16_autocast(query_dtype):
+    """Ranks, top-k items and scores under a bf16 autocast equal those of float32 operands without
+    it (user vectors may come as bf16 from an autocast model): bf16 scores would tie items."""
+    generator = torch.Generator().manual_seed(1)
+    queries = torch.randn(16, 48, generator=generator).to(query_dtype)
+    items = torch.randn(300, 48, generator=generator)
+    target = torch.randint(1, 300, (16,), generator=generator)
+    exclude = torch.randint(0, 300, (16, 10), generator=generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ranks, top = chunked_ranking(queries, items, target, exclude, 20, chunk_size=64)
+        scores, top_alone = chunked_top_k(queries, items, exclude, 20, chunk_size=64)
+    want_ranks, want_top = chunked_ranking(queries.float(), items, target, exclude, 20, chunk_size=64)
+    want_scores, _ = chunked_top_k(queries.float(), items, exclude, 20, chunk_size=64)
+    assert scores.dtype == torch.float32
+    assert torch.equal(ranks, want_ranks) and torch.equal(top, want_top) and torch.equal(top_alone, top)
+    assert torch.equal(scores, want_scores)
+    assert torch.equal(ranks, target_ranks(exact_scores(queries.float(), items), target, exclude))
+
+
+@pytest.mark.parametrize("huge", [1e20, float("inf")])
+def test_chunked_ranking_with_a_huge_item_vector_equals_the_full_ranking(huge):
+    queries = torch.tensor([[1.0, 1.0]])
+    # padding (scores 5), a huge item, the target (scores 1), an excluded item (scores 2)
+    items = torch.tensor([[5.0, 0.0], [huge, 0.0], [1.0, 0.0], [2.0, 0.0]])
+    target, exclude = torch.tensor([2]), torch.tensor([[3]])
+    scores = exact_scores(queries, items)
+    assert target_ranks(scores, target, exclude).tolist() == [2]  # below the huge item only
+    ranks, _ = chunked_ranking(queries, items, target, exclude, None, chunk_size=2)
+    assert ranks.tolist() == [2]

@@ -1,4 +1,4 @@
-"""predict.py and recsys.recommend: recommendations in original ids, new sessions, bad input."""
+"""predict.py and recsys.serving.recommend: recommendations in original ids, new sessions, bad input."""
 
 import json
 
@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from recsys.errors import UserInputError
-from recsys.recommend import Recommender, read_sessions
+from recsys.serving.recommend import Recommender, read_sessions
+from tests.checks import Untouched, assert_user_error
 from tests.test_entrypoints import common, run, train_overrides
 
 
@@ -142,7 +143,7 @@ def test_predict_sessions_file_and_export_refusals(trained, tmp_path):
     frame = pd.read_parquet(out / "recommendations.parquet")
     assert frame["session"].tolist() == ["s1"] * 4
     # The same output again is refused, and the existing file is left as it was.
-    before = (out / "recommendations.parquet").read_bytes()
+    untouched = Untouched(out, tmp / "cache", sessions)
     again = run(
         "predict.py",
         f"ckpt_path={ckpt}",
@@ -151,9 +152,8 @@ def test_predict_sessions_file_and_export_refusals(trained, tmp_path):
         *common(tmp),
         check=False,
     )
-    assert again.returncode == 2 and "already exists" in again.stderr
-    assert (out / "recommendations.parquet").read_bytes() == before
-    # Export through the CLI: the files recsys/export.py writes (parity is tested in test_export.py).
+    assert "already exists" in assert_user_error(again, "error: ", untouched)
+    # Export through the CLI: the files recsys/serving/export.py writes (parity is tested in test_export.py).
     exported = tmp_path / "exported"
     run(
         "predict.py",
@@ -176,7 +176,8 @@ def test_predict_sessions_file_and_export_refusals(trained, tmp_path):
     ],
 )
 def test_bad_input_is_one_line(trained, tmp_path, overrides, message):
-    tmp, _, ckpt = trained
+    tmp, run_dir, ckpt = trained
+    untouched = Untouched(tmp_path / "o", tmp / "cache", run_dir)
     result = run(
         "predict.py",
         f"ckpt_path={ckpt}",
@@ -185,9 +186,7 @@ def test_bad_input_is_one_line(trained, tmp_path, overrides, message):
         *common(tmp),
         check=False,
     )
-    assert result.returncode == 2
-    assert message in result.stderr.strip().splitlines()[-1]
-    assert not (tmp_path / "o" / "recommendations.parquet").exists()
+    assert_user_error(result, f"error: {message}", untouched)
 
 
 def test_bad_sessions_and_splits(trained, tmp_path):

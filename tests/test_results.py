@@ -3,7 +3,7 @@ import pandas as pd
 import torch
 
 from recsys.data.preprocess import SequenceData
-from recsys.results import per_user_frame, slice_metrics
+from recsys.evaluation.results import per_user_frame, slice_metrics
 
 
 def toy_data():

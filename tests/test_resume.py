@@ -18,17 +18,25 @@ import torch
 from omegaconf import OmegaConf
 
 from recsys.errors import UserInputError
-from recsys.resume import AtomicCheckpointIO, CSVLogger, config_differences, newest_checkpoint, plan_resume
+from recsys.training.resume import (
+    AtomicCheckpointIO,
+    CSVLogger,
+    config_differences,
+    newest_checkpoint,
+    plan_resume,
+)
+from tests.checks import Untouched, assert_user_error
+from tests.pause_callback import PAUSE_FILE, pause_overrides
 from tests.test_entrypoints import ROOT, train_overrides
 
 ENV = dict(os.environ, WANDB_MODE="disabled", HYDRA_FULL_ERROR="0")
 
 
-def start(tmp, run_dir, *extra):
+def start(tmp, run_dir, *extra, env=ENV):
     return subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), *train_overrides(tmp, run_dir, *extra)],
         cwd=ROOT,
-        env=ENV,
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -42,25 +50,35 @@ def finish(process, check=True):
     return process.returncode, stdout, stderr
 
 
+# Every run of the `runs` fixture carries the callback that lets B be killed mid-epoch: one config.
+PAUSE = pause_overrides(epoch=1, batch=3)  # the 4th of the 7 training batches of the 2nd epoch
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A: 4 epochs uninterrupted. B: the same run, SIGKILLed as soon as its first checkpoint is
-    written, then resumed. C: a copy of the killed B (another directory) whose last.ckpt is cut
-    in half, as a crash while writing it without atomic saves would leave it, then resumed."""
+    """A: 4 epochs uninterrupted. B: the same run, SIGKILLed in the middle of its second epoch
+    (at the start of its 4th of 7 batches, after its first checkpoint), then resumed. C: a copy of
+    the killed B (another directory) whose last.ckpt is cut in half, as a crash while writing it
+    without atomic saves would leave it, then resumed."""
     tmp = tmp_path_factory.mktemp("resume")
     a, b, c = tmp / "A", tmp / "B", tmp / "C"
-    uninterrupted = start(tmp, a)
-    killed = start(tmp, b)
-    while not (b / "checkpoints" / "last.ckpt").exists():
+    uninterrupted = start(tmp, a, *PAUSE)
+    paused = tmp / "paused.json"
+    killed = start(tmp, b, *PAUSE, env={**ENV, PAUSE_FILE: str(paused)})
+    while not paused.exists() or not paused.read_text():
         assert killed.poll() is None, finish(killed, check=False)
         time.sleep(0.01)
     killed.send_signal(signal.SIGKILL)
     killed.communicate()
     assert not (b / "metrics.json").exists()
+    where = json.loads(paused.read_text())
+    assert (where["epoch"], where["batch"]) == (1, 3)
+    # Killed mid-epoch: 3 steps beyond its newest checkpoint, the end of the first epoch.
+    assert load(b / "checkpoints" / "last.ckpt")["global_step"] == where["global_step"] - 3 == 7
     shutil.copytree(b, c)
     last = c / "checkpoints" / "last.ckpt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
-    resumed, resumed_copy = start(tmp, b), start(tmp, c)
+    resumed, resumed_copy = start(tmp, b, *PAUSE), start(tmp, c, *PAUSE)
     outputs = {"B": finish(resumed), "C": finish(resumed_copy)}
     finish(uninterrupted)
     return tmp, outputs
@@ -131,16 +149,18 @@ def test_a_different_config_is_refused_naming_the_keys(runs):
     (other / "checkpoints").mkdir(parents=True)
     shutil.copy(tmp / "A" / "config.yaml", other / "config.yaml")
     shutil.copy(tmp / "A/checkpoints/last.ckpt", other / "checkpoints" / "last.ckpt")
-    code, _, stderr = finish(start(tmp, other, "model.dropout=0.1", "seed=7"), check=False)
-    assert code == 2
-    assert stderr.strip().splitlines()[-1] == (
+    shutil.copy(tmp / "A" / "train.log", other / "train.log")  # an interrupted run has its log
+    untouched = Untouched(other, tmp / "cache")
+    code, stdout, stderr = finish(start(tmp, other, "model.dropout=0.1", "seed=7", *PAUSE), check=False)
+    assert_user_error(
+        subprocess.CompletedProcess("train.py", code, stdout, stderr),
         f"error: hydra.run.dir: {other} holds an interrupted run with another config "
         "(data.seed: 42 -> 7, model.dropout: 0.4 -> 0.1, seed: 42 -> 7); resume it with the overrides "
-        "it was started with (see its config.yaml) or choose a new directory"
+        "it was started with (see its config.yaml) or choose a new directory",
+        untouched,
+        exact=True,
     )
     assert (other / "config.yaml").read_text() == (tmp / "A" / "config.yaml").read_text()
-    assert [p.name for p in (other / "checkpoints").iterdir()] == ["last.ckpt"]
-    assert not (other / "metrics.json").exists()
 
 
 @pytest.mark.parametrize("checkpoint", [None, "truncated"])

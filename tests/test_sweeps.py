@@ -26,7 +26,8 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from recsys.errors import UserInputError
-from recsys.runs.optuna_sweep import RESULTS_FILE, SweepFailed, make_sampler, prepare, search_space
+from recsys.runs.optuna_space import search_space
+from recsys.runs.optuna_sweep import RESULTS_FILE, SweepFailed, make_sampler, prepare
 from recsys.runs.sweeps import OVERRIDES_FILE, SweepSummary, main, sweep_table, write_sweep_summary
 from tests.checks import Untouched, assert_user_error
 from tests.test_entrypoints import ROOT, common, run

@@ -156,7 +156,7 @@ def test_a_logger_whose_package_is_missing_is_a_one_line_error(tmp_path):
     from omegaconf import OmegaConf
 
     from recsys.errors import UserInputError
-    from recsys.runs import build_loggers
+    from recsys.runs.loggers import build_loggers
 
     if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
         pytest.skip("tensorboard is installed")

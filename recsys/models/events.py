@@ -51,4 +51,3 @@ class BehaviourEmbedding(nn.Module):
                 raise UserInputError("model.time_gaps: the model reads time gaps but the batch has none")
             out = out + self.gaps(gaps)
         return out
-

@@ -65,7 +65,9 @@ def network_class(cfg: DictConfig) -> type[SequenceNetwork]:
     except Exception:
         raise UserInputError(f"model._target_: cannot import {target!r}") from None
     if not (isinstance(cls, type) and issubclass(cls, SequenceNetwork)):
-        raise UserInputError(f"model._target_: {target!r} is not a SequenceNetwork (recsys/models/network.py)")
+        raise UserInputError(
+            f"model._target_: {target!r} is not a SequenceNetwork (recsys/models/network.py)"
+        )
     return cls
 
 
@@ -94,7 +96,9 @@ def data_info(datamodule) -> DataInfo:
     )
 
 
-def build_model(cfg: DictConfig, data: DataInfo, evaluation: DictConfig | dict | None = None) -> SequentialRecommender:
+def build_model(
+    cfg: DictConfig, data: DataInfo, evaluation: DictConfig | dict | None = None
+) -> SequentialRecommender:
     """The model of `cfg` for `data`, set up to evaluate as `evaluation` says (`cfg.evaluation`
     by default). The loss is built first, then the network, in the order that fixes the random
     initial weights for a seed."""
@@ -103,7 +107,10 @@ def build_model(cfg: DictConfig, data: DataInfo, evaluation: DictConfig | dict |
     # Partial, then called: Hydra would turn a dataclass argument into a dict.
     network = _instantiate(network_config(cfg.model), "model", _partial_=True)(data)
     training = {key: cfg.model[key] for key in TRAINING_KEYS if key in cfg.model}
-    options = {key: instantiate(value) if key in ("optimizer", "scheduler") else value for key, value in training.items()}
+    options = {
+        key: instantiate(value) if key in ("optimizer", "scheduler") else value
+        for key, value in training.items()
+    }
     if "ks" in options:
         options["ks"] = list(options["ks"])
     model = SequentialRecommender(network, loss=loss, data=data, **options)

@@ -58,7 +58,9 @@ def check_loss(network: type[SequenceNetwork], loss: nn.Module | None) -> None:
     """A network with something to learn needs a loss; one without cannot use one."""
     name = network.__name__
     if network.trainable and loss is None:
-        raise UserInputError(f"loss: {name} is trained with a loss; choose one of loss=ce|sampled_softmax|bce|gbce")
+        raise UserInputError(
+            f"loss: {name} is trained with a loss; choose one of loss=ce|sampled_softmax|bce|gbce"
+        )
     if not network.trainable and loss is not None:
         raise UserInputError(f"loss: {name} has nothing to train and cannot use a loss; set loss=none")
 
@@ -210,7 +212,11 @@ class SequentialRecommender(pl.LightningModule):
         item_chunk_size: items scored at a time when ranking (memory: batch x this many scores).
         """
         if item_chunk_size is not None:
-            if isinstance(item_chunk_size, bool) or not isinstance(item_chunk_size, int) or item_chunk_size < 1:
+            if (
+                isinstance(item_chunk_size, bool)
+                or not isinstance(item_chunk_size, int)
+                or item_chunk_size < 1
+            ):
                 raise UserInputError(
                     f"evaluation.item_chunk_size: must be an integer >= 1, got {item_chunk_size!r}"
                 )
@@ -225,7 +231,9 @@ class SequentialRecommender(pl.LightningModule):
                 f"evaluation.sampled.sampler: {sampler!r} is not one of ['uniform', 'popularity']"
             )
         if sampler == "popularity" and item_counts is None:
-            raise UserInputError("evaluation.sampled.sampler: popularity sampling needs the training item counts")
+            raise UserInputError(
+                "evaluation.sampled.sampler: popularity sampling needs the training item counts"
+            )
         num_negatives = int(sampled.get("num_negatives", 100))
         if not 1 <= num_negatives < self.num_items:
             raise UserInputError(

@@ -5,14 +5,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from recsys.data import datamodule as datamodule_module
-from recsys.data.datamodule import (
-    DeviceTrainBatches,
-    LengthBucketBatchSampler,
-    SequenceDataModule,
-    gather_windows,
-)
+from recsys.data import batching
+from recsys.data.batching import DeviceTrainBatches, LengthBucketBatchSampler
+from recsys.data.datamodule import SequenceDataModule
+from recsys.data.datasets import gather_windows
 from recsys.errors import UserInputError
+from recsys.models.network import DataInfo
 
 
 def make_datamodule(tmp_path, text, **kwargs):
@@ -196,7 +194,7 @@ def test_device_batches_auto_is_the_dataloader_on_cpu_and_checks_the_budget(tmp_
     # A CUDA trainer (faked: only the device choice is asked, nothing is moved).
     dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)))
     assert dm._train_batch_device(dm.train_windows()) == torch.device("cuda", 0)
-    monkeypatch.setattr(datamodule_module, "DEVICE_BATCHES_MAX_BYTES", 100)
+    monkeypatch.setattr(batching, "DEVICE_BATCHES_MAX_BYTES", 100)
     assert dm._train_batch_device(dm.train_windows()) is None
     dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")))
     assert dm._train_batch_device(dm.train_windows()) is None
@@ -243,6 +241,7 @@ def _fit_recording_batches(tmp_path, device_batches):
     import pytorch_lightning as pl
 
     from recsys.models.sasrec import SASRec
+    from tests.builders import module
 
     class Record(pl.Callback):
         def __init__(self):
@@ -263,7 +262,7 @@ def _fit_recording_batches(tmp_path, device_batches):
         device_batches=device_batches,
     )
     torch.manual_seed(0)
-    model = SASRec(dm.num_items, max_len=8, dim=16, num_blocks=1)
+    model = module(SASRec(DataInfo(dm.num_items), max_len=8, dim=16, num_blocks=1))
     record = Record()
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -300,6 +299,7 @@ def test_a_model_trains_on_device_batches_as_on_the_dataloader(tmp_path):
 @pytest.mark.parametrize("device_batches", [False, True])
 def test_width_multiple_pads_batches_without_changing_them(tmp_path, device_batches):
     from recsys.models.sasrec import SASRec
+    from tests.builders import module
 
     batches, evaluated = {}, {}
     for multiple in (1, 4):
@@ -314,7 +314,7 @@ def test_width_multiple_pads_batches_without_changing_them(tmp_path, device_batc
         )
         batches[multiple] = all_batches(dm.train_dataloader())
         evaluated[multiple] = all_batches(dm.eval_dataloader("test"))
-    model = SASRec(num_items=40, max_len=10, dim=8, dropout=0.0, weight_batches_by_targets=False)
+    model = module(SASRec(DataInfo(40), max_len=10, dim=8, dropout=0.0), weight_batches_by_targets=False)
     widths = set()
     for exact, rounded in zip(batches[1], batches[4]):
         width = rounded["input_ids"].size(1)
@@ -331,7 +331,9 @@ def test_width_multiple_pads_batches_without_changing_them(tmp_path, device_batc
         width = rounded["history"].size(1)
         assert width == min(-(-exact["history"].size(1) // 4) * 4, 10)
         assert torch.equal(rounded["history"][:, : exact["history"].size(1)], exact["history"])
-        torch.testing.assert_close(model.score(rounded["history"]), model.score(exact["history"]))
+        torch.testing.assert_close(
+            model.network.score(rounded["history"]), model.network.score(exact["history"])
+        )
 
 
 def test_width_multiple_is_checked(tmp_path):

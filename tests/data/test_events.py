@@ -7,12 +7,14 @@ import pytest
 import torch
 
 from recsys.data import loaders
-from recsys.data.datamodule import NUM_GAP_BUCKETS, SequenceDataModule, time_gap_buckets
+from recsys.data.datamodule import SequenceDataModule
+from recsys.data.features import NUM_GAP_BUCKETS, time_gap_buckets
 from recsys.data.preprocess import PreprocessSettings, SequenceData, preprocess
 from recsys.errors import UserInputError
-from recsys.models.base import target_positions
 from recsys.models.bert4rec import BERT4Rec
+from recsys.models.network import DataInfo, target_positions
 from recsys.models.sasrec import SASRec
+from tests.builders import module
 
 EVENTS = ["view", "cart", "buy"]
 
@@ -309,7 +311,9 @@ def test_time_gap_buckets():
 def test_target_mask_restricts_the_loss_to_those_positions():
     torch.manual_seed(0)
     # Unweighted: the test compares each step's mean loss over the positions it trains on.
-    model = SASRec(num_items=20, max_len=6, dim=16, dropout=0.0, weight_batches_by_targets=False).eval()
+    model = module(
+        SASRec(DataInfo(20), max_len=6, dim=16, dropout=0.0), weight_batches_by_targets=False
+    ).eval()
     batch = {
         "input_ids": torch.tensor([[1, 2, 3, 4, 0], [5, 6, 0, 0, 0]]),
         "target_ids": torch.tensor([[2, 3, 4, 7, 0], [6, 8, 0, 0, 0]]),
@@ -317,8 +321,8 @@ def test_target_mask_restricts_the_loss_to_those_positions():
     full = model.training_step(batch, 0)
     mask = torch.tensor([[False, True, False, True, False], [False, False, False, False, False]])
     restricted = model.training_step({**batch, "target_mask": mask}, 0)
-    hidden = model(batch["input_ids"])
-    logits = hidden[mask] @ model.item_embedding.weight[1:].T  # padding is never a class
+    hidden = model.network(batch["input_ids"])
+    logits = hidden[mask] @ model.network.item_embedding.weight[1:].T  # padding is never a class
     expected = torch.nn.functional.cross_entropy(logits, batch["target_ids"][mask] - 1)
     assert torch.allclose(restricted, expected, atol=1e-5)
     assert not torch.allclose(restricted, full)
@@ -327,9 +331,9 @@ def test_target_mask_restricts_the_loss_to_those_positions():
 @pytest.mark.parametrize("cls", [SASRec, BERT4Rec])
 def test_with_both_switches_off_the_model_is_unchanged(cls):
     torch.manual_seed(3)
-    plain = cls(num_items=30, max_len=8, dim=16)
+    plain = cls(DataInfo(30), max_len=8, dim=16)
     torch.manual_seed(3)
-    on_event_data = cls(num_items=30, max_len=8, dim=16, num_event_types=3)
+    on_event_data = cls(DataInfo(30, num_event_types=3), max_len=8, dim=16)
     assert plain.state_dict().keys() == on_event_data.state_dict().keys()
     for name, value in plain.state_dict().items():
         assert torch.equal(value, on_event_data.state_dict()[name]), name
@@ -340,7 +344,7 @@ def test_with_both_switches_off_the_model_is_unchanged(cls):
 def test_event_and_gap_embeddings_change_the_user_vectors(cls):
     torch.manual_seed(0)
     model = cls(
-        num_items=30, max_len=8, dim=16, num_event_types=3, event_embedding=True, time_gaps=True
+        DataInfo(30, num_event_types=3), max_len=8, dim=16, event_embedding=True, time_gaps=True
     ).eval()
     history = torch.tensor([[1, 2, 3, 0]])
     events = torch.tensor([[1, 1, 2, 0]])
@@ -355,19 +359,21 @@ def test_event_and_gap_embeddings_change_the_user_vectors(cls):
 
 def test_event_embedding_without_event_data_is_a_config_error():
     with pytest.raises(UserInputError, match="model.event_embedding: the data has no event types"):
-        SASRec(num_items=10, event_embedding=True, ks=[1, 5])
+        SASRec(DataInfo(10), event_embedding=True)
     with pytest.raises(UserInputError, match="model.time_gaps: the data has no event types"):
-        BERT4Rec(num_items=10, time_gaps=True, num_event_types=0, ks=[1, 5])
+        BERT4Rec(DataInfo(10, num_event_types=0), time_gaps=True)
 
 
 def test_bert4rec_hides_only_target_positions():
     torch.manual_seed(0)
-    model = BERT4Rec(num_items=30, max_len=8, dim=16, mask_prob=0.5, num_event_types=3, event_embedding=True)
+    model = module(
+        BERT4Rec(DataInfo(30, num_event_types=3), max_len=8, dim=16, mask_prob=0.5, event_embedding=True)
+    )
     sequences = torch.randint(1, 30, (64, 6))
     maskable = torch.zeros(64, 6, dtype=torch.bool)
     maskable[:, 2] = True
     maskable[:, 4] = True
-    masked = model.cloze_mask(sequences, maskable)
+    masked = model.network.cloze_mask(sequences, maskable)
     assert not (masked & ~maskable).any()
     assert masked.any(dim=1).all()  # every row hides something
     batch = {
@@ -383,29 +389,40 @@ def test_bert4rec_hides_only_target_positions():
 
 
 def test_a_model_learns_next_purchases_on_event_data(retailrocket, tmp_path):
-    """End to end on the tiny data: SASRec with event types trains and is evaluated on purchases."""
+    """End to end on the tiny data: SASRec with event types trains (its training loss falls) and is
+    evaluated on purchases."""
     import pytorch_lightning as pl
+
+    class TrainingLosses(pl.Callback):
+        def __init__(self):
+            self.by_epoch = {}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.by_epoch.setdefault(trainer.current_epoch, []).append(float(outputs["loss"]))
 
     dm = make_dm(retailrocket, tmp_path)
     dm.setup()
-    model = SASRec(
-        num_items=dm.num_items,
+    network = SASRec(
+        DataInfo(dm.num_items, num_event_types=dm.num_event_types),
         max_len=50,
         dim=16,
-        num_event_types=dm.num_event_types,
         event_embedding=True,
         time_gaps=True,
-        ks=[1, 5],
     )
+    model = module(network, ks=[1, 5])
+    losses = TrainingLosses()
     trainer = pl.Trainer(
-        max_epochs=2,
+        max_epochs=4,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         accelerator="cpu",
+        callbacks=[losses],
     )
     trainer.fit(model, datamodule=dm)
+    per_epoch = [sum(values) / len(values) for _, values in sorted(losses.by_epoch.items())]
+    assert len(per_epoch) == 4 and per_epoch[-1] < 0.98 * per_epoch[0], per_epoch  # it learns
     (results,) = trainer.test(model, datamodule=dm, verbose=False)
     assert 0.0 <= results["test/ndcg@5"] <= 1.0
     assert model.test_results["user"].tolist() == [0, 1]
@@ -456,9 +473,9 @@ def test_long_histories_keep_their_last_max_len_events(retailrocket, tmp_path):
 
 
 def test_serving_and_export_refuse_a_model_that_reads_events():
-    from recsys.export import TopKScorer
+    from recsys.serving.export import TopKScorer
 
-    model = SASRec(num_items=30, max_len=8, dim=16, num_event_types=3, event_embedding=True, ks=[1, 5])
+    model = SASRec(DataInfo(30, num_event_types=3), max_len=8, dim=16, event_embedding=True)
     with pytest.raises(UserInputError, match="export: this SASRec reads event types"):
         TopKScorer(model, k=5)
 
@@ -466,7 +483,7 @@ def test_serving_and_export_refuse_a_model_that_reads_events():
 def test_data_without_event_settings_keeps_its_fingerprint():
     """Checkpoints record their data's fingerprint: the settings added for event types must not
     change it for data that does not use them (or every older checkpoint would be refused)."""
-    from recsys.data.preprocess import fingerprint
+    from recsys.data.cache import fingerprint
 
     plain = PreprocessSettings(min_item_interactions=5)
     assert plain.as_dict() == {

@@ -122,7 +122,9 @@ def test_training_loss_covers_exactly_the_positions_with_a_next_item(model_class
     loss = model.training_step(batch, 0)
     has_target = target_positions(batch)
     hidden = model.network(batch["input_ids"])
-    expected = model.loss(hidden[has_target], batch["target_ids"][has_target], model.network.item_embedding.weight)
+    expected = model.loss(
+        hidden[has_target], batch["target_ids"][has_target], model.network.item_embedding.weight
+    )
     torch.testing.assert_close(loss, expected)
 
 
