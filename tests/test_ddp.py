@@ -287,15 +287,6 @@ def _one_step_updates(batches, devices):
         pytest.param(
             ([8, 8, 8], [1, 2, 1]),
             id="unequal_target_counts",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="bug in recsys/training/module.py _weighted: DDP averages the processes' "
-                "gradients, and each process weighs its batch by its own running mean of targets "
-                "per batch (weight 1 on the first step), so a target position on the process with "
-                "4 targets weighs 6x one on the process with 24; weight_batches_by_targets promises "
-                "every target position the same weight however batches are formed (the update is "
-                "~3x off here)",
-            ),
         ),
     ],
 )

@@ -148,6 +148,17 @@ class SequentialRecommender(pl.LightningModule):
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=targets)
         if not self.weight_batches_by_targets:
             return loss
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1:
+            # DDP averages the processes' gradients: weigh each by its share of the step's targets
+            # over all processes, and keep the running mean of those totals, so that a target
+            # weighs what it would in one process training on the combined batch.
+            total = self.trainer.strategy.reduce(
+                torch.tensor(float(targets), device=self.device), reduce_op="sum"
+            )
+            self._targets_seen += int(total.item())
+            self._batches_seen += 1
+            return loss * (world * targets * self._batches_seen / max(self._targets_seen, 1))
         self._targets_seen += targets
         self._batches_seen += 1
         return loss * (targets * self._batches_seen / max(self._targets_seen, 1))
