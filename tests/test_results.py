@@ -66,7 +66,7 @@ def test_repeat_targets_are_flagged_and_sliced(tmp_path):
         (1, 10),
         None,
         dm.split.test_pos,
-        dm.seen_targets,
+        dm.repeat_targets("test"),
     )
     assert frame["repeat_target"].tolist() == [True, True]
     assert dm.seen_targets(*dm.evaluated_users("val")).tolist() == [False, True]  # a: 3 new, b: 2 seen

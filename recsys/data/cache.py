@@ -37,10 +37,15 @@ def source_fingerprint(source: Source, settings: PreprocessSettings) -> str:
 
 
 def load_sequence_data(
-    name: str, source: Source, settings: PreprocessSettings, cache_dir: str | os.PathLike | None
+    name: str,
+    source: Source,
+    settings: PreprocessSettings,
+    cache_dir: str | os.PathLike | None,
+    key: str | None = None,
 ) -> SequenceData:
-    """Read, preprocess and cache; a second call with the same inputs reads the cache."""
-    key = source_fingerprint(source, settings)
+    """Read, preprocess and cache; a second call with the same inputs reads the cache. `key`: the
+    `source_fingerprint`, when the caller has it already (it reads every byte of the files)."""
+    key = key or source_fingerprint(source, settings)
     cache_file = Path(cache_dir) / f"{name}-{key[:20]}.npz" if cache_dir else None
     if cache_file is not None and cache_file.exists():
         try:

@@ -132,13 +132,17 @@ class SequenceDataModule(pl.LightningDataModule):
         self._gaps: np.ndarray | None = None
         self._evaluated: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._evaluation_counts: dict[str, dict[str, float]] = {}
+        self._repeat_targets: dict[str, np.ndarray] = {}
+        self._source_fingerprint: str | None = None
         self._device_windows: tuple[torch.Tensor, np.ndarray] | None = None
         self._train_item_counts: torch.Tensor | None = None
 
     # --- preparation ---------------------------------------------------------------------------
 
     def _load(self) -> SequenceData:
-        return load_sequence_data(self.name, self.source, self.settings, self.cache_dir)
+        return load_sequence_data(
+            self.name, self.source, self.settings, self.cache_dir, key=self.source_fingerprint()
+        )
 
     def prepare_data(self) -> None:
         # Runs on one process per node: builds the cache that setup() then reads on every rank.
@@ -190,7 +194,9 @@ class SequenceDataModule(pl.LightningDataModule):
         memory, as benchmarks do, has no source: its own fingerprint)."""
         if self.data is not None:
             return self.data.fingerprint
-        return source_fingerprint(self.source, self.settings)
+        if self._source_fingerprint is None:  # hashing reads the files: once per data module
+            self._source_fingerprint = source_fingerprint(self.source, self.settings)
+        return self._source_fingerprint
 
     def train_windows(self) -> TrainWindows:
         """Window bounds over each user's training part (all events but the last two)."""
@@ -327,11 +333,19 @@ class SequenceDataModule(pl.LightningDataModule):
                 )
             users, positions = users[keep], positions[keep]
         repeat = self.seen_targets(users, positions)
+        self._repeat_targets[split] = np.zeros(self.data.num_users, dtype=bool)
+        self._repeat_targets[split][users] = repeat
         users, positions, self._evaluation_counts[split] = leave_out_seen_targets(
             users, positions, repeat, self.seen_items, split, self.name
         )
         self._evaluated[split] = (users, positions)
         return users, positions
+
+    def repeat_targets(self, split: str) -> np.ndarray:
+        """(num_users,) bool: the user's `split` target is a seen item (see `seen_targets`), as
+        found when the split's users were chosen."""
+        self.evaluated_users(split)
+        return self._repeat_targets[split]
 
     def evaluation_counts(self, split: str) -> dict[str, float]:
         """For metrics.json: `<split>/users` evaluated (every user of the split, not the

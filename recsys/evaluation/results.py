@@ -11,7 +11,6 @@ repeat or new target, with the user count of each bucket.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -34,11 +33,11 @@ def per_user_frame(
     ks,
     item_counts: torch.Tensor | None = None,
     target_positions: np.ndarray | None = None,
-    seen_targets: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+    repeat_targets: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """`target_positions`: each user's target event of `split` (the data module's split); by
     default plain leave-one-out's (the last event for test, the one before for val).
-    `seen_targets(users, positions)`: which targets are seen items (the data module's rule)."""
+    `repeat_targets`: per user, whether the target is a seen item (the data module's rule)."""
     users_np = users.numpy().astype(np.int64)
     order = np.argsort(users_np, kind="stable")
     users_np = users_np[order]
@@ -58,8 +57,8 @@ def per_user_frame(
     )
     if item_counts is not None:
         frame["target_train_count"] = item_counts.numpy()[target_items]
-    if seen_targets is not None:
-        frame["repeat_target"] = seen_targets(users_np, target_pos)
+    if repeat_targets is not None:
+        frame["repeat_target"] = np.asarray(repeat_targets)[users_np]
     for name, values in metrics_from_ranks(ranks, ks).items():
         frame[name] = values.numpy()
     return frame
@@ -119,7 +118,7 @@ def write_test_results(datamodule, split: str, model, out_dir: str | os.PathLike
         model.ks,
         datamodule.train_item_counts(),
         datamodule.split.val_pos if split == "val" else datamodule.split.test_pos,
-        datamodule.seen_targets,
+        datamodule.repeat_targets(split),
     )
     write_parquet_atomic(frame, os.path.join(out_dir, "per_user.parquet"))
     write_csv_atomic(slice_metrics(frame), os.path.join(out_dir, "slices.csv"))

@@ -117,10 +117,9 @@ def build_model(
     evaluation = cfg.get("evaluation") if evaluation is None else evaluation
     evaluation = evaluation if evaluation is not None else {}
     sampled = evaluation.get("sampled")
-    chunk = evaluation.get("item_chunk_size")
     model.configure_evaluation(
         item_counts=data.train_item_counts,
         sampled=dict(sampled) if sampled else None,
-        item_chunk_size=None if chunk is None else chunk,
+        item_chunk_size=evaluation.get("item_chunk_size"),
     )
     return model
