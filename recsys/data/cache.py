@@ -1,11 +1,16 @@
 """Read, preprocess and cache one data set: `load_sequence_data` and its fingerprint.
 
-The result of preprocessing (recsys/data/preprocess.py) is cached as one .npz file named by a
-fingerprint of the source files' bytes and every setting that changes the result (the source's
-description comes from its format's registry entry, recsys/data/formats.py); it is written to a
-temporary file and renamed into place, so a crashed or concurrent run never leaves a half-written
-cache behind. Checkpoints record the fingerprint of the data they were trained on, and are refused
-on data with another one.
+The result of preprocessing (recsys/data/preprocess.py) is cached as a directory of plain arrays
+named by a fingerprint of the source files' bytes and every setting that changes the result (the
+source's description comes from its format's registry entry, recsys/data/formats.py). It is built
+in a temporary directory and renamed into place, so a crashed or concurrent run never leaves a
+half-written cache behind, and it is mapped into memory when read, so the processes of one machine
+share one copy. Checkpoints record the fingerprint of the data they were trained on, and are
+refused on data with another one.
+
+Preprocessing runs in the engine (recsys/data/engine.py) under `memory_limit`, with its scratch
+files beside the cache; the memory limit does not change the result, so it is not in the
+fingerprint.
 """
 
 from __future__ import annotations
@@ -14,9 +19,12 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
+from recsys.data.engine import AUTO, Engine
 from recsys.data.formats import Source, describe, read_interactions
 from recsys.data.preprocess import PREPROCESS_VERSION, PreprocessSettings, SequenceData, preprocess
 
@@ -36,30 +44,42 @@ def source_fingerprint(source: Source, settings: PreprocessSettings) -> str:
     return fingerprint(describe(source), settings)
 
 
+def cache_path(cache_dir: str | os.PathLike, name: str, key: str) -> Path:
+    """Where data set `name` with fingerprint `key` is cached."""
+    return Path(cache_dir) / f"{name}-{key[:20]}"
+
+
 def load_sequence_data(
     name: str,
     source: Source,
     settings: PreprocessSettings,
     cache_dir: str | os.PathLike | None,
     key: str | None = None,
+    memory_limit: str | int | None = AUTO,
 ) -> SequenceData:
-    """Read, preprocess and cache; a second call with the same inputs reads the cache. `key`: the
+    """Read, preprocess and cache; a second call with the same inputs maps the cache. `key`: the
     `source_fingerprint`, when the caller has it already (it reads every byte of the files)."""
     key = key or source_fingerprint(source, settings)
-    cache_file = Path(cache_dir) / f"{name}-{key[:20]}.npz" if cache_dir else None
-    if cache_file is not None and cache_file.exists():
+    cached = cache_path(cache_dir, name, key) if cache_dir else None
+    if cached is not None and cached.is_dir():
         try:
-            data = SequenceData.load(cache_file)
+            data = SequenceData.load(cached)
             if data.fingerprint == key:
-                log.info("data %s: read cache %s", name, cache_file)
+                log.info("data %s: mapped cache %s", name, cached)
                 return data
         except (OSError, ValueError, KeyError) as err:  # an unreadable cache is rebuilt, not fatal
-            log.warning("data %s: ignoring unreadable cache %s (%s)", name, cache_file, err)
+            log.warning("data %s: rebuilding unreadable cache %s (%s)", name, cached, err)
+        shutil.rmtree(cached, ignore_errors=True)
 
-    interactions = read_interactions(source)
-    data = preprocess(interactions, settings, source=str(source.path) if source.path else name)
-    data.fingerprint = key
+    scratch = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir())
+    with Engine(memory_limit, scratch_parent=scratch) as engine:
+        interactions = read_interactions(source, engine)
+        data = preprocess(
+            interactions,
+            settings,
+            source=str(source.path) if source.path else name,
+            destination=cached,
+            fingerprint=key,
+        )
     log.info("data %s: %s", name, data.stats)
-    if cache_file is not None:
-        data.save(cache_file)
     return data

@@ -33,6 +33,7 @@ from recsys.data.datasets import (
     repeat_targets,
     training_windows,
 )
+from recsys.data.engine import memory_limit_bytes
 from recsys.data.features import time_gap_buckets
 from recsys.data.formats import Source
 from recsys.data.preprocess import PreprocessSettings, SequenceData
@@ -89,6 +90,7 @@ class SequenceDataModule(pl.LightningDataModule):
         hide_target_item: bool = False,
         width_multiple: int = 1,
         seen_items: str = "exclude",
+        memory_limit: str | int | None = "auto",
     ):
         super().__init__()
         # Not a data key: train.py and evaluate.py pass evaluation.seen_items.
@@ -124,6 +126,8 @@ class SequenceDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.cache_dir = cache_dir
+        memory_limit_bytes(memory_limit)  # checked now, before any data is read
+        self.memory_limit = memory_limit
         self.seed = seed
         # The split that test_dataloader (trainer.test) serves.
         self.test_split = "test"
@@ -141,7 +145,12 @@ class SequenceDataModule(pl.LightningDataModule):
 
     def _load(self) -> SequenceData:
         return load_sequence_data(
-            self.name, self.source, self.settings, self.cache_dir, key=self.source_fingerprint()
+            self.name,
+            self.source,
+            self.settings,
+            self.cache_dir,
+            key=self.source_fingerprint(),
+            memory_limit=self.memory_limit,
         )
 
     def prepare_data(self) -> None:

@@ -4,7 +4,7 @@ source enters the cache fingerprint.
 A data config names its source with `data.format`, `data.path` and the options some formats read
 (`data.columns`, `data.sep`, `data.synthetic`, `data.test_path`); together they are a `Source`.
 `FORMATS` maps each format name to a `DataFormat`: the function that reads a source into the
-canonical interactions table (recsys/data/loaders.py), the source options that change what it reads
+canonical interactions table in the engine (recsys/data/loaders.py), the source options that change what it reads
 (they enter the fingerprint, beside the file's bytes), and whether it reads a file at all. Adding a
 format is one entry here (and its reader). `data.format: auto` picks one by the file name
 (`resolve_format`).
@@ -12,7 +12,8 @@ format is one entry here (and its reader). `data.format: auto` picks one by the 
 The fingerprint's description of a source (`describe`) must stay exactly what it has been for the
 existing formats: every trained checkpoint records its data's fingerprint and is refused when it
 differs. It holds the format, the options the entry names, and the sha256 of the file (and of the
-test file, when there is one), never their paths.
+test file, when there is one), never their paths. A directory of parquet parts is hashed part by
+part, with each part's name relative to the directory.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from recsys.data import loaders
+from recsys.data.engine import Engine
+from recsys.data.loaders import Interactions
 from recsys.data.synthetic import synthetic_interactions
 from recsys.errors import UserInputError
 
@@ -54,37 +55,40 @@ class Source:
 class DataFormat:
     """How one format is read, and what of its source enters the fingerprint."""
 
-    read: Callable[[Source], pd.DataFrame]  # the source -> the canonical interactions table
+    read: Callable[[Source, Engine], Interactions]  # the source -> the canonical interactions table
     options: tuple[str, ...] = ()  # Source fields that enter the fingerprint (beyond format and files)
     reads_file: bool = True  # False: generated, no data.path
     reads_test_path: bool = False  # reads data.test_path (any other format refuses one)
 
 
-def _read_interactions_file(source: Source) -> pd.DataFrame:
+def _read_interactions_file(source: Source, engine: Engine) -> Interactions:
     if not source.columns:
         raise UserInputError(f"data.columns: required to read {source.path} as an interactions file")
-    return loaders.read_interactions_file(source.path, source.columns, sep=source.sep)
+    return loaders.read_interactions_file(source.path, source.columns, sep=source.sep, engine=engine)
+
+
+def _generated(source: Source, engine: Engine) -> Interactions:
+    return Interactions.from_frame(synthetic_interactions(**source.synthetic), engine, "synthetic data")
 
 
 FORMATS: dict[str, DataFormat] = {
     # One line per user: `user item item ...` (the Amazon, LastFM and ML-1M sequence files).
-    "sequence": DataFormat(lambda s: loaders.read_sequence_file(s.path)),
+    "sequence": DataFormat(lambda s, engine: loaders.read_sequence_file(s.path, engine)),
     # MovieLens ratings.dat / u.data / ratings.csv.
-    "movielens": DataFormat(lambda s: loaders.read_movielens(s.path)),
-    # Any CSV/TSV/parquet file with a column mapping.
+    "movielens": DataFormat(lambda s, engine: loaders.read_movielens(s.path, engine=engine)),
+    # Any CSV/TSV file (plain or gzipped), parquet file or directory of parquet parts, with a
+    # column mapping.
     "interactions": DataFormat(_read_interactions_file, options=("columns", "sep")),
     # Generated data (recsys/data/synthetic.py).
-    "synthetic": DataFormat(
-        lambda s: synthetic_interactions(**s.synthetic), options=("synthetic",), reads_file=False
-    ),
+    "synthetic": DataFormat(_generated, options=("synthetic",), reads_file=False),
     # The Retail Rocket multi-behaviour subset and its test purchases.
     "retailrocket": DataFormat(
-        lambda s: loaders.read_retailrocket(s.path, s.test_path), reads_test_path=True
+        lambda s, engine: loaders.read_retailrocket(s.path, s.test_path, engine), reads_test_path=True
     ),
     # Kaggle's Retail Rocket events.csv.
-    "retailrocket_raw": DataFormat(lambda s: loaders.read_retailrocket_raw(s.path)),
+    "retailrocket_raw": DataFormat(lambda s, engine: loaders.read_retailrocket_raw(s.path, engine)),
     # Taobao UserBehavior.csv.
-    "taobao": DataFormat(lambda s: loaders.read_taobao(s.path)),
+    "taobao": DataFormat(lambda s, engine: loaders.read_taobao(s.path, engine)),
 }
 
 
@@ -99,13 +103,13 @@ def resolve_format(data_format: str, path: str | None) -> str:
     if loaders.movielens_layout(path):
         return "movielens"
     suffixes = [s.lower() for s in Path(path).suffixes if s.lower() != ".gz"]
-    if suffixes and suffixes[-1] in (".csv", ".tsv", ".parquet", ".pq"):
+    if loaders.is_parquet(path) or (suffixes and suffixes[-1] in (".csv", ".tsv")):
         return "interactions"
     return "sequence"
 
 
-def read_interactions(source: Source) -> pd.DataFrame:
-    """The canonical interactions table of `source` (see recsys/data/loaders.py)."""
+def read_interactions(source: Source, engine: Engine | None = None) -> Interactions:
+    """The canonical interactions table of `source` in `engine` (see recsys/data/loaders.py)."""
     name = resolve_format(source.format, source.path)
     data_format = FORMATS[name]
     if data_format.reads_file:
@@ -116,11 +120,18 @@ def read_interactions(source: Source) -> pd.DataFrame:
             raise UserInputError(
                 f"data.test_path: only data.format={'/'.join(readers)} reads one, not {name!r}"
             )
-    return data_format.read(source)
+    return data_format.read(source, engine or loaders.default_engine())
 
 
 def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes; of a directory of parquet parts, of each part's relative name
+    and bytes, in name order."""
+    path = Path(path)
     digest = hashlib.sha256()
+    if path.is_dir():
+        for part in loaders.parquet_parts(path):
+            digest.update(f"{part.relative_to(path)}\0{file_sha256(part)}\0".encode())
+        return digest.hexdigest()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
@@ -137,7 +148,7 @@ def describe(source: Source) -> dict[str, Any]:
     if data_format.reads_file:
         if source.path is None:
             raise UserInputError(f"data.path: required for data.format={name!r}")
-        described["sha256"] = file_sha256(loaders.check_readable(source.path))
+        described["sha256"] = file_sha256(loaders.check_readable(source.path, directory_ok=name == "interactions"))
     if source.test_path is not None:
         described["test_sha256"] = file_sha256(loaders.check_readable(source.test_path))
     return described

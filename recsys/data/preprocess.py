@@ -1,9 +1,14 @@
-"""One preprocessing path from the canonical interactions table to cached, split-ready sequences.
+"""One preprocessing path from the canonical interactions table to split-ready sequences on disk.
 
     interactions -> rating threshold -> event types named and checked -> time order checked
                  -> k-core -> drop users with < min_history events -> contiguous item ids
                  (0 = padding) -> keep only data.keep_events -> stable time sort
-                 -> CSR arrays (offsets + items [+ events + timestamps])
+                 -> CSR arrays (offsets + items + timestamps [+ events])
+
+Every step but the last runs in the engine (recsys/data/engine.py, DuckDB), out of core under
+data.memory_limit; the sorted result streams out of it into plain arrays. User and item ids are
+numbered in sorted order of their raw ids; a user's events are sorted by time, ties kept in file
+order. (tests/data/test_preprocess.py holds this to the plain in-memory reference it replaced.)
 
 The leave-one-out split is implicit in the CSR layout: for user u with events
 items[offsets[u]:offsets[u+1]], the last is the test target, the one before the validation target,
@@ -11,12 +16,13 @@ and everything before that is training history. With event types and data.target
 targets are the user's last two events of those types instead (recsys/data/split.py).
 
 Event types (browse vs buy): with data.event_types set, the source's event column becomes one small
-integer per event (1..E in the order of event_types; 0 is padding), kept with the timestamps beside
-the items. keep_events drops the other types *after* the item ids are assigned, so a model that sees
-only purchases ranks the very same catalogue as one that sees every view.
+integer per event (1..E in the order of event_types; 0 is padding), kept beside the items.
+keep_events drops the other types *after* the item ids are assigned, so a model that sees only
+purchases ranks the very same catalogue as one that sees every view.
 
-The interactions table comes from the format's reader (recsys/data/formats.py); the result is
-cached under a fingerprint of the source and of these settings (recsys/data/cache.py).
+On disk (`SequenceData.save`, the cache of recsys/data/cache.py) a data set is a directory of
+uncompressed .npy arrays plus meta.json; `SequenceData.load` maps them into memory read-only, so
+every process of a machine shares one copy in the page cache and starts without reading them.
 """
 
 from __future__ import annotations
@@ -30,18 +36,25 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from recsys.data.engine import Engine, literal
+from recsys.data.loaders import Interactions
 from recsys.errors import UserInputError
-from recsys.runs.files import atomic_path
+from recsys.runs.files import atomic_directory
 
 log = logging.getLogger(__name__)
 
 # Bump when the preprocessing logic changes, so that old caches are not reused. (Event types did not
 # change what data without them becomes: their settings enter the fingerprint only when set, so
-# checkpoints trained before still match their data.)
+# checkpoints trained before still match their data. The engine did not change it either:
+# tests/data/test_shipped_data.py.)
 PREPROCESS_VERSION = 1
 # The protocol needs a training item, a validation target and a test target (data.min_history).
 MIN_HISTORY = 3
 TIME_ORDERS = ("sort", "error")
+# The arrays of a data set on disk, mapped when loaded (None-valued ones are not written).
+ARRAYS = ("offsets", "items", "timestamps", "user_ids", "item_ids", "events", "event_names")
+# Rows fetched from the engine at a time when writing the sorted arrays.
+_BATCH_ROWS = 1 << 20
 
 
 @dataclass
@@ -49,16 +62,21 @@ class SequenceData:
     """Time-ordered item sequences of all users in CSR form, with the raw ids they came from."""
 
     offsets: np.ndarray  # (num_users + 1,) int64: user u's events are items[offsets[u]:offsets[u+1]]
-    items: np.ndarray  # (num_events,) int64 item indices in 1..num_items; 0 is padding
+    items: (
+        np.ndarray
+    )  # (num_events,) int32 (int64 past 2**31 items) item indices in 1..num_items; 0 is padding
     user_ids: np.ndarray  # (num_users,) raw user ids
     item_ids: np.ndarray  # (num_items + 1,) raw item ids; entry 0 stands for padding
     fingerprint: str = ""
     stats: dict[str, Any] = field(default_factory=dict)
     # With data.event_types: (num_events,) int8 type ids 1..E aligned with `items`, their names
-    # (entry 0 = "" for padding), and the (num_events,) timestamps in the source's unit.
+    # (entry 0 = "" for padding).
     events: np.ndarray | None = None
     event_names: np.ndarray | None = None
+    # (num_events,) the time of each event in the source's unit (for a source without times, its
+    # position in the file); `has_time` says which.
     timestamps: np.ndarray | None = None
+    has_time: bool = False
 
     @property
     def has_events(self) -> bool:
@@ -91,36 +109,28 @@ class SequenceData:
         return self.items[self.offsets[user] : self.offsets[user + 1]]
 
     def save(self, path: Path) -> None:
-        """Write atomically (recsys.runs.files.atomic_path): readers never see a part of the file."""
-        extra = {}
-        if self.has_events:
-            extra = {"events": self.events, "event_names": self.event_names, "timestamps": self.timestamps}
-        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-            np.savez(
-                handle,
-                offsets=self.offsets,
-                items=self.items,
-                user_ids=self.user_ids,
-                item_ids=self.item_ids,
-                meta=np.asarray(json.dumps({"fingerprint": self.fingerprint, "stats": self.stats})),
-                **extra,
-            )
+        """Write as a directory of .npy arrays plus meta.json, atomically
+        (recsys.runs.files.atomic_directory): readers never see a part of it."""
+        with atomic_directory(path) as tmp:
+            for name in ARRAYS:
+                values = getattr(self, name)
+                if values is not None:
+                    np.save(tmp / f"{name}.npy", np.asarray(values), allow_pickle=False)
+            (tmp / "meta.json").write_text(json.dumps(self._meta()))
+
+    def _meta(self) -> dict[str, Any]:
+        return {"fingerprint": self.fingerprint, "stats": self.stats, "has_time": self.has_time}
 
     @classmethod
     def load(cls, path: Path) -> SequenceData:
-        with np.load(path, allow_pickle=False) as arrays:
-            meta = json.loads(str(arrays["meta"]))
-            return cls(
-                offsets=arrays["offsets"],
-                items=arrays["items"],
-                user_ids=arrays["user_ids"],
-                item_ids=arrays["item_ids"],
-                fingerprint=meta["fingerprint"],
-                stats=meta["stats"],
-                events=arrays["events"] if "events" in arrays else None,
-                event_names=arrays["event_names"] if "event_names" in arrays else None,
-                timestamps=arrays["timestamps"] if "timestamps" in arrays else None,
-            )
+        """Map a saved data set into memory (read-only; pages are read when first touched)."""
+        path = Path(path)
+        meta = json.loads((path / "meta.json").read_text())
+        arrays = {}
+        for name in ARRAYS:
+            file = path / f"{name}.npy"
+            arrays[name] = np.load(file, mmap_mode="r", allow_pickle=False) if file.exists() else None
+        return cls(**arrays, fingerprint=meta["fingerprint"], stats=meta["stats"], has_time=meta["has_time"])
 
 
 @dataclass(frozen=True)
@@ -188,188 +198,239 @@ class PreprocessSettings:
 
 
 def preprocess(
-    interactions: pd.DataFrame, settings: PreprocessSettings, source: str = "data"
+    interactions: Interactions | pd.DataFrame,
+    settings: PreprocessSettings,
+    source: str = "data",
+    destination: Path | None = None,
+    fingerprint: str = "",
 ) -> SequenceData:
-    """Canonical interactions -> SequenceData (without fingerprint). `source` names it in messages."""
-    frame = interactions
-    where = _RowLocator.of(interactions, source)
-    stats: dict[str, Any] = {"raw_interactions": int(len(frame))}
+    """Canonical interactions -> SequenceData. `source` names the data in messages. With
+    `destination` the arrays are written there (a directory, atomically) and come back mapped;
+    without, they are built in memory. (A DataFrame is moved into the default engine first.)"""
+    if isinstance(interactions, pd.DataFrame):
+        interactions = Interactions.from_frame(interactions, path=source)
+    engine, raw = interactions.engine, interactions.table
+    stats: dict[str, Any] = {"raw_interactions": _count(engine, raw)}
+    where = ""
     if settings.min_rating is not None:
-        if "rating" not in frame.columns:
+        if "rating" not in interactions.columns:
             raise UserInputError(
                 f"data.min_rating: {source} has no rating column, so it cannot be filtered by rating"
             )
-        keep_rating = frame["rating"].to_numpy() >= settings.min_rating
-        frame = frame[keep_rating]
-        where = where.subset(keep_rating)
-        stats["after_rating_filter"] = int(len(frame))
+        where = f"WHERE rating >= {float(settings.min_rating)!r}"
+        stats["after_rating_filter"] = int(engine.scalar(f"SELECT count(*) FROM {raw} {where}"))
+    code = "CAST(NULL AS TINYINT)"
+    if settings.event_types is not None:
+        code = _event_codes(interactions, where, settings, stats)
+    work = engine.name("work")
+    engine.execute(
+        f"CREATE TABLE {work} AS SELECT row, user, item, timestamp, {code} AS code FROM {raw} {where}"
+    )
+    stats.update(_check_time_order(interactions, work, settings.time_order))
 
-    users = _id_array(frame["user"])
-    items = _id_array(frame["item"])
-    timestamps = frame["timestamp"].to_numpy()
-    events = _event_codes(frame, settings, where, stats) if settings.event_types is not None else None
-    stats.update(_check_time_order(users, timestamps, settings.time_order, where))
-
-    keep = np.ones(len(frame), dtype=bool)
     if settings.min_user_interactions > 0 or settings.min_item_interactions > 0:
-        keep = _kcore_mask(
-            users,
-            items,
+        _kcore(
+            engine,
+            work,
             settings.min_user_interactions,
             settings.min_item_interactions,
             settings.kcore_iterative,
         )
-        stats["after_kcore"] = int(keep.sum())
-
+        stats["after_kcore"] = _count(engine, work)
     # Users too short for the protocol are dropped and counted, not an error.
-    stats["dropped_short_users"] = _drop_short_users(users, keep, settings.min_history)
-    if not keep.any():
+    stats["dropped_short_users"] = _drop_short_users(engine, work, settings.min_history)
+    if _count(engine, work) == 0:
         raise UserInputError(
             f"{source}: no interactions left after filtering (min_rating={settings.min_rating}, "
             f"min_user_interactions={settings.min_user_interactions}, "
             f"min_item_interactions={settings.min_item_interactions}, at least {settings.min_history} per user)"
         )
     # Item ids come from every event type, before keep_events: the same catalogue either way.
-    item_ids, item_index = np.unique(items[keep], return_inverse=True)
-    item_index_all = np.zeros(len(items), dtype=np.int64)
-    item_index_all[keep] = item_index
+    item_index = _index(engine, work, "item")
     if settings.keep_events is not None:
-        kept_types = np.isin(events, settings.type_codes(settings.keep_events))
-        stats["dropped_other_events"] = int((keep & ~kept_types).sum())
-        keep &= kept_types
-        stats["dropped_short_users_after_keep_events"] = _drop_short_users(users, keep, settings.min_history)
-        if not keep.any():
+        kept = ", ".join(str(c) for c in settings.type_codes(settings.keep_events))
+        stats["dropped_other_events"] = int(
+            engine.scalar(f"SELECT count(*) FROM {work} WHERE code NOT IN ({kept})")
+        )
+        engine.execute(f"DELETE FROM {work} WHERE code NOT IN ({kept})")
+        stats["dropped_short_users_after_keep_events"] = _drop_short_users(engine, work, settings.min_history)
+        if _count(engine, work) == 0:
             raise UserInputError(
                 f"data.keep_events: no user of {source} has {settings.min_history} events of types "
                 f"{list(settings.keep_events)}"
             )
+    user_index = _index(engine, work, "user")
 
-    users = users[keep]
-    timestamps = timestamps[keep]
-    user_ids, user_index = np.unique(users, return_inverse=True)
-    # lexsort is stable and sorts by its last key first: by user, then time, ties in file order.
-    order = np.lexsort((timestamps, user_index))
-    sorted_users = user_index[order]
-    counts = np.bincount(sorted_users, minlength=len(user_ids))
+    item_ids = _ids(engine, item_index, "item")
+    user_ids = _ids(engine, user_index, "user")
+    counts = engine.execute(
+        f"SELECT count(*) FROM {work} JOIN {user_index} USING (user) GROUP BY idx ORDER BY idx"
+    ).fetchnumpy()["count_star()"]
     offsets = np.zeros(len(user_ids) + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
-
-    item_ids_with_padding = np.concatenate([_padding_id(item_ids), item_ids])
-    data = SequenceData(
-        offsets=offsets,
-        items=(item_index_all[keep][order] + 1).astype(np.int64),
-        user_ids=user_ids,
-        item_ids=item_ids_with_padding,
-    )
-    if events is not None:
-        data.events = events[keep][order].astype(np.int8)
-        data.event_names = np.asarray(["", *settings.event_types], dtype=str)
-        data.timestamps = timestamps[order]
+    if settings.event_types is not None:
+        by_code = dict(engine.execute(f"SELECT code, count(*) FROM {work} GROUP BY code").fetchall())
         stats["events_by_type"] = {
-            name: int((data.events == code).sum()) for code, name in enumerate(settings.event_types, start=1)
+            name: int(by_code.get(c, 0)) for c, name in enumerate(settings.event_types, start=1)
         }
-    lengths = data.lengths
+    lengths = np.diff(offsets)
     stats.update(
-        users=data.num_users,
-        items=data.num_items,
-        interactions=int(len(data.items)),
+        users=len(user_ids),
+        items=len(item_ids),
+        interactions=int(offsets[-1]),
         median_length=float(np.median(lengths)),
         max_length=int(lengths.max()),
     )
-    data.stats = stats
-    return data
+    time_type = np.float64 if _column_type(engine, work, "timestamp") in ("DOUBLE", "FLOAT") else np.int64
+    data = SequenceData(
+        offsets=offsets,
+        items=np.empty(0, dtype=np.int32 if len(item_ids) < np.iinfo(np.int32).max else np.int64),
+        user_ids=user_ids,
+        item_ids=np.concatenate([_padding_id(item_ids), item_ids]),
+        fingerprint=fingerprint,
+        stats=stats,
+        events=None if settings.event_types is None else np.empty(0, dtype=np.int8),
+        event_names=None
+        if settings.event_types is None
+        else np.asarray(["", *settings.event_types], dtype=str),
+        timestamps=np.empty(0, dtype=time_type),
+        has_time=interactions.has_time,
+    )
+    # lexsort's order before: by user, then time, ties in file order.
+    ordered = (
+        f"SELECT i.idx AS item, w.timestamp, w.code FROM {work} w JOIN {user_index} u USING (user) "
+        f"JOIN {item_index} i USING (item) ORDER BY u.idx, w.timestamp, w.row"
+    )
+    if destination is None:
+        _fill(engine, ordered, data, lambda name, dtype: np.empty(int(offsets[-1]), dtype=dtype))
+        return data
+    with atomic_directory(destination) as tmp:
+        for name in ("offsets", "user_ids", "item_ids", "event_names"):
+            if getattr(data, name) is not None:
+                np.save(tmp / f"{name}.npy", getattr(data, name), allow_pickle=False)
+
+        def mapped(name: str, dtype) -> np.ndarray:
+            return np.lib.format.open_memmap(
+                tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=(int(offsets[-1]),)
+            )
+
+        _fill(engine, ordered, data, mapped)
+        for name in ("items", "timestamps", "events"):
+            if getattr(data, name) is not None:
+                getattr(data, name).flush()
+        (tmp / "meta.json").write_text(json.dumps(data._meta()))
+    return SequenceData.load(destination)
 
 
-@dataclass(frozen=True)
-class _RowLocator:
-    """Names a row of the interactions table as the file line it came from ("path:line"), also
-    after rows have been filtered out (`rows`: the file row of each remaining table row)."""
-
-    path: str
-    first_line: int | None  # the file line of row 0; None for parquet, whose rows are not lines
-    rows: np.ndarray
-
-    @classmethod
-    def of(cls, frame: pd.DataFrame, source: str) -> _RowLocator:
-        return cls(frame.attrs.get("path", source), frame.attrs.get("first_data_line"), np.arange(len(frame)))
-
-    def subset(self, mask: np.ndarray) -> _RowLocator:
-        return _RowLocator(self.path, self.first_line, self.rows[mask])
-
-    def __call__(self, position: int) -> str:
-        row = int(self.rows[position])
-        if self.first_line is None:
-            return f"{self.path} (row {row})"
-        return f"{self.path}:{row + self.first_line}"
+def _fill(engine: Engine, ordered: str, data: SequenceData, allocate) -> None:
+    """Stream the sorted events out of the engine into the item, time and event arrays."""
+    data.items = allocate("items", data.items.dtype)
+    data.timestamps = allocate("timestamps", data.timestamps.dtype)
+    if data.events is not None:
+        data.events = allocate("events", np.int8)
+    begin = 0
+    for batch in engine.batches(ordered, _BATCH_ROWS):
+        end = begin + batch.num_rows
+        data.items[begin:end] = batch.column(0).to_numpy()
+        data.timestamps[begin:end] = batch.column(1).to_numpy()
+        if data.events is not None:
+            data.events[begin:end] = batch.column(2).to_numpy()
+        begin = end
+    assert begin == len(data.items), "the engine returned another number of events than it counted"
 
 
-def _event_codes(
-    frame: pd.DataFrame, settings: PreprocessSettings, where: _RowLocator, stats: dict
-) -> np.ndarray:
-    """Event type ids 1..E of every row; a name the config does not know is an error."""
-    if "event" not in frame.columns:
+def _count(engine: Engine, table: str) -> int:
+    return int(engine.scalar(f"SELECT count(*) FROM {table}"))
+
+
+def _column_type(engine: Engine, table: str, column: str) -> str:
+    return dict(engine.execute(f"SELECT column_name, column_type FROM (DESCRIBE {table})").fetchall())[column]
+
+
+def _index(engine: Engine, work: str, column: str) -> str:
+    """A table (column, idx): each distinct value of `work.column`, numbered 1.. (items) or 0..
+    (users) in sorted order of the raw ids."""
+    table = engine.name(f"{column}_index")
+    first = 1 if column == "item" else 0
+    engine.execute(
+        f"CREATE TABLE {table} AS SELECT {column}, row_number() OVER (ORDER BY {column}) - 1 + {first} AS idx "
+        f"FROM (SELECT DISTINCT {column} FROM {work})"
+    )
+    return table
+
+
+def _ids(engine: Engine, index: str, column: str) -> np.ndarray:
+    """The raw ids in index order: int64, or fixed-width strings (never Python objects, so the
+    cache needs no pickle)."""
+    values = engine.execute(f"SELECT {column} FROM {index} ORDER BY idx").fetchnumpy()[column]
+    values = np.asarray(values)
+    if values.dtype == object or values.dtype.kind in "OUS" or str(values.dtype).startswith("str"):
+        return np.asarray(values.tolist(), dtype=str)
+    return values.astype(np.int64)
+
+
+def _event_codes(interactions: Interactions, where: str, settings: PreprocessSettings, stats: dict) -> str:
+    """The SQL expression of each row's event type id 1..E; a name the config does not know is an
+    error naming its first row."""
+    if "event" not in interactions.columns:
         raise UserInputError(
-            f"data.event_types: {where.path} has no event column (for an interactions file, map one "
+            f"data.event_types: {interactions.path} has no event column (for an interactions file, map one "
             "with data.columns.event)"
         )
+    engine = interactions.engine
     # Rename and code each distinct name once, not each row.
-    names, row_name = np.unique(frame["event"].astype(str).to_numpy(), return_inverse=True)
+    names = engine.execute(
+        f"SELECT event, count(*), min(row) FROM {interactions.table} {where} GROUP BY event"
+    ).fetchall()
     renamed = dict(settings.event_map)
-    names = [renamed.get(name, name) for name in names.tolist()]
     types = list(settings.event_types)
-    name_codes = np.asarray([types.index(n) + 1 if n in types else 0 for n in names], dtype=np.int8)
-    codes = name_codes[row_name]
-    unknown = codes == 0
-    if unknown.any():
-        position = int(np.argmax(unknown))
+    unknown = [(first, name) for name, _, first in names if renamed.get(name, name) not in types]
+    if unknown:
+        first, name = min(unknown)
         raise UserInputError(
-            f"{where(position)}: event {names[row_name[position]]!r} is not one of data.event_types {types} "
+            f"{interactions.locate(first)}: event {renamed.get(name, name)!r} is not one of data.event_types {types} "
             "(add it there, or rename it with data.event_map)"
         )
-    stats["raw_events_by_type"] = {name: int((codes == c).sum()) for c, name in enumerate(types, start=1)}
-    return codes
+    counts = dict.fromkeys(types, 0)
+    for name, count, _ in names:
+        counts[renamed.get(name, name)] += int(count)
+    stats["raw_events_by_type"] = counts
+    cases = " ".join(
+        f"WHEN {literal(name)} THEN {types.index(renamed.get(name, name)) + 1}" for name, _, _ in names
+    )
+    return f"CAST(CASE event {cases} END AS TINYINT)"
 
 
-def _check_time_order(users: np.ndarray, timestamps: np.ndarray, mode: str, where: _RowLocator) -> dict:
+def _check_time_order(interactions: Interactions, work: str, mode: str) -> dict:
     """Rows of a user that go back in time in file order: an error (time_order=error, for files
     that are meant to be in time order) or counted and logged, then sorted (time_order=sort)."""
-    if len(users) == 0:
-        return {}
-    _, codes = np.unique(users, return_inverse=True)
-    by_user = np.argsort(codes, kind="stable")  # each user's rows, in file order
-    same_user = codes[by_user][1:] == codes[by_user][:-1]
-    backwards = same_user & (timestamps[by_user][1:] < timestamps[by_user][:-1])
-    if not backwards.any():
+    engine = interactions.engine
+    users, first = engine.execute(
+        "SELECT count(DISTINCT user) FILTER (WHERE back), min(row) FILTER (WHERE back) FROM ("
+        f"SELECT user, row, timestamp < lag(timestamp) OVER (PARTITION BY user ORDER BY row) AS back FROM {work})"
+    ).fetchone()
+    if not users:
         return {"users_sorted_by_time": 0}
     if mode == "error":
-        rows = by_user[1:][backwards]
-        position = int(rows.min())  # the first such row in the file
+        timestamp, user = engine.execute(
+            f"SELECT timestamp, user FROM {work} WHERE row = ?", [first]
+        ).fetchone()
         raise UserInputError(
-            f"{where(position)}: timestamp {timestamps[position].item()!r} of user {users[position].item()!r} is earlier "
+            f"{interactions.locate(first)}: timestamp {timestamp!r} of user {user!r} is earlier "
             "than that user's previous row (data.time_order: error; use sort to reorder)"
         )
-    count = int(len(np.unique(codes[by_user][1:][backwards])))
-    log.info("data: %d users had rows out of time order in the file; sorted by time (stable)", count)
-    return {"users_sorted_by_time": count}
+    log.info("data: %d users had rows out of time order in the file; sorted by time (stable)", users)
+    return {"users_sorted_by_time": int(users)}
 
 
-def _drop_short_users(users: np.ndarray, keep: np.ndarray, min_history: int) -> int:
-    """Unset `keep` for every row of a user with fewer than min_history kept rows; their count."""
-    if not keep.any():
-        return 0
-    _, user_codes, user_counts = np.unique(users[keep], return_inverse=True, return_counts=True)
-    short_users = user_counts < min_history
-    if short_users.any():
-        log.info("dropped %d users with fewer than %d events after filtering", short_users.sum(), min_history)
-        keep_idx = np.flatnonzero(keep)
-        keep[keep_idx[short_users[user_codes]]] = False
-    return int(short_users.sum())
-
-
-def _id_array(column: pd.Series) -> np.ndarray:
-    """Ids as int64 or fixed-width strings: never Python objects, so the cache needs no pickle."""
-    values = column.to_numpy()
-    return values.astype(str) if values.dtype == object else values
+def _drop_short_users(engine: Engine, work: str, min_history: int) -> int:
+    """Delete every row of a user with fewer than min_history rows; their count."""
+    short = f"SELECT user FROM {work} GROUP BY user HAVING count(*) < {int(min_history)}"
+    count = int(engine.scalar(f"SELECT count(*) FROM ({short})"))
+    if count:
+        log.info("dropped %d users with fewer than %d events after filtering", count, min_history)
+        engine.execute(f"DELETE FROM {work} WHERE user IN ({short})")
+    return count
 
 
 def _padding_id(ids: np.ndarray) -> np.ndarray:
@@ -379,21 +440,18 @@ def _padding_id(ids: np.ndarray) -> np.ndarray:
     return np.asarray([-1], dtype=ids.dtype)
 
 
-def _kcore_mask(users, items, min_user: int, min_item: int, iterative: bool) -> np.ndarray:
-    """Rows that survive dropping users with < min_user and items with < min_item interactions.
+def _kcore(engine: Engine, work: str, min_user: int, min_item: int, iterative: bool) -> None:
+    """Delete the rows of users with < min_user and items with < min_item interactions.
 
     Items are filtered before users in each pass (the BERT4Rec ML-1M recipe is one item pass).
     """
-    _, user_codes = np.unique(users, return_inverse=True)
-    _, item_codes = np.unique(items, return_inverse=True)
-    keep = np.ones(len(users), dtype=bool)
     while True:
-        before = int(keep.sum())
-        if min_item > 0:
-            item_counts = np.bincount(item_codes[keep], minlength=item_codes.max() + 1)
-            keep &= item_counts[item_codes] >= min_item
-        if min_user > 0:
-            user_counts = np.bincount(user_codes[keep], minlength=user_codes.max() + 1)
-            keep &= user_counts[user_codes] >= min_user
-        if not iterative or int(keep.sum()) == before:
-            return keep
+        before = _count(engine, work)
+        for column, minimum in (("item", min_item), ("user", min_user)):
+            if minimum > 0:
+                engine.execute(
+                    f"DELETE FROM {work} WHERE {column} IN "
+                    f"(SELECT {column} FROM {work} GROUP BY {column} HAVING count(*) < {int(minimum)})"
+                )
+        if not iterative or _count(engine, work) == before:
+            return
