@@ -128,8 +128,14 @@ class Engine:
         except duckdb.OutOfMemoryException as err:
             raise self._too_small(err) from None
 
+    def first(self, sql: str, parameters: list | None = None) -> tuple | None:
+        """The first row of a query's result, or None (the result is read to its end: DuckDB
+        refuses other work on a connection with a result left open)."""
+        rows = self.execute(sql, parameters).fetchall()
+        return rows[0] if rows else None
+
     def scalar(self, sql: str, parameters: list | None = None):
-        return self.execute(sql, parameters).fetchone()[0]
+        return self.first(sql, parameters)[0]
 
     def close(self) -> None:
         try:

@@ -344,7 +344,8 @@ def _csv_error(path: Path, message: str, file_columns: list[str]) -> UserInputEr
 
 
 def _canonical_order(mapping: Mapping[str, str]) -> tuple[str, ...]:
-    return tuple(c for c in CANONICAL_COLUMNS if c in mapping or c == "timestamp")
+    """The table's columns: the mapped ones in mapping order, and a timestamp in any case."""
+    return (*mapping, *(() if "timestamp" in mapping else ("timestamp",)))
 
 
 def _finish(interactions: Interactions, mapping: Mapping[str, str]) -> Interactions:
@@ -361,7 +362,7 @@ def _finish(interactions: Interactions, mapping: Mapping[str, str]) -> Interacti
         if kinds[canonical] == "VARCHAR":
             test += f" OR trim({quoted(canonical)}) = ''"
         empty.append(f"min(row) FILTER (WHERE {test})")
-    first_empty = engine.execute(f"SELECT {', '.join(empty)} FROM {table}").fetchone()
+    first_empty = engine.first(f"SELECT {', '.join(empty)} FROM {table}")
     rows = [(row, canonical) for row, canonical in zip(first_empty, mapping) if row is not None]
     if rows:
         row, canonical = min(rows)
@@ -385,9 +386,9 @@ def _parse_times(interactions: Interactions, name: str) -> None:
     target, expected = (
         ("DOUBLE", "a number like the rows before") if numeric else ("TIMESTAMPTZ", "a number or a date-time")
     )
-    bad = engine.execute(
+    bad = engine.first(
         f"SELECT row, timestamp FROM {table} WHERE TRY_CAST(timestamp AS {target}) IS NULL ORDER BY row LIMIT 1"
-    ).fetchone()
+    )
     if bad is not None:
         raise UserInputError(
             f"{interactions.locate(bad[0])}: malformed row: column {name!r} is {bad[1]!r}, expected {expected}"
@@ -567,19 +568,19 @@ def read_retailrocket(
     engine = events.engine
     test = read_delimited(test_path, {"user": "user_id", "item": "item_id"}, engine=engine)
     test_path = Path(test_path)
-    twice = engine.execute(
+    twice = engine.first(
         f"SELECT row, user FROM (SELECT row, user, row_number() OVER (PARTITION BY user ORDER BY row) AS n "
         f"FROM {test.table}) WHERE n = 2 ORDER BY row LIMIT 1"
-    ).fetchone()
+    )
     if twice is not None:
         raise UserInputError(
             f"{test_path}:{twice[0] + 2}: malformed row: user {twice[1]!r} has a second test purchase "
             "(expected one per user)"
         )
-    stranger = engine.execute(
+    stranger = engine.first(
         f"SELECT row, user FROM {test.table} WHERE user NOT IN (SELECT user FROM {events.table}) "
         "ORDER BY row LIMIT 1"
-    ).fetchone()
+    )
     if stranger is not None:
         raise UserInputError(f"{test_path}:{stranger[0] + 2}: user {stranger[1]!r} has no events in {path}")
     # The test rows come after every row of the events file.

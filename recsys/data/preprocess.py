@@ -405,16 +405,16 @@ def _check_time_order(interactions: Interactions, work: str, mode: str) -> dict:
     """Rows of a user that go back in time in file order: an error (time_order=error, for files
     that are meant to be in time order) or counted and logged, then sorted (time_order=sort)."""
     engine = interactions.engine
-    users, first = engine.execute(
+    users, first = engine.first(
         "SELECT count(DISTINCT user) FILTER (WHERE back), min(row) FILTER (WHERE back) FROM ("
         f"SELECT user, row, timestamp < lag(timestamp) OVER (PARTITION BY user ORDER BY row) AS back FROM {work})"
-    ).fetchone()
+    )
     if not users:
         return {"users_sorted_by_time": 0}
     if mode == "error":
-        timestamp, user = engine.execute(
+        timestamp, user = engine.first(
             f"SELECT timestamp, user FROM {work} WHERE row = ?", [first]
-        ).fetchone()
+        )
         raise UserInputError(
             f"{interactions.locate(first)}: timestamp {timestamp!r} of user {user!r} is earlier "
             "than that user's previous row (data.time_order: error; use sort to reorder)"

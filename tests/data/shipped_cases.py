@@ -35,9 +35,15 @@ CASES: dict[str, tuple[str, dict]] = {
         },
     ),
     "ml_latest_small_rated_4": ("ml_latest_small", {"min_rating": 4.0, "min_user_interactions": 5}),
-    "taobao_head": ("taobao", {"path": f"{TAOBAO}/head_fattydelivery/UserBehavior.csv", "time_order": "sort"}),
+    "taobao_head": (
+        "taobao",
+        {"path": f"{TAOBAO}/head_fattydelivery/UserBehavior.csv", "time_order": "sort"},
+    ),
     "taobao_tail": ("taobao", {"path": f"{TAOBAO}/tail_betashepherd/UserBehavior.csv", "time_order": "sort"}),
-    "taobao_timeslice": ("taobao", {"path": f"{TAOBAO}/timeslice_rdav27/UserBehavior.csv.gz", "time_order": "sort"}),
+    "taobao_timeslice": (
+        "taobao",
+        {"path": f"{TAOBAO}/timeslice_rdav27/UserBehavior.csv.gz", "time_order": "sort"},
+    ),
     "synthetic": ("synthetic", {}),
 }
 
@@ -56,7 +62,12 @@ def _array_digest(values: np.ndarray) -> str:
 def digest(data) -> dict[str, str]:
     """A short hash of each array that defines the preprocessed data (timestamps only with event
     types: the cache before the engine kept them only then)."""
-    arrays = {"offsets": data.offsets, "items": data.items, "user_ids": data.user_ids, "item_ids": data.item_ids}
+    arrays = {
+        "offsets": data.offsets,
+        "items": data.items,
+        "user_ids": data.user_ids,
+        "item_ids": data.item_ids,
+    }
     if data.events is not None:
         arrays.update(events=data.events, event_names=data.event_names, timestamps=data.timestamps)
     return {name: _array_digest(values) for name, values in arrays.items()}

@@ -10,14 +10,14 @@ from recsys.errors import UserInputError
 @pytest.mark.parametrize("name", ["seq.txt", "seq.txt.gz"])
 def test_sequence_file_plain_and_gzipped(write_file, name):
     path = write_file(name, "1 10 11 12\n2 11 13 10 14\n\n")
-    frame = loaders.read_sequence_file(path)
+    frame = loaders.read_sequence_file(path).frame()
     assert frame["user"].tolist() == [1, 1, 1, 2, 2, 2, 2]
     assert frame["item"].tolist() == [10, 11, 12, 11, 13, 10, 14]
     assert frame["timestamp"].tolist() == [0, 1, 2, 0, 1, 2, 3]  # position in the line
 
 
 def test_sequence_file_string_ids(write_file):
-    frame = loaders.read_sequence_file(write_file("s.txt", "alice B0001 B0002 B0003\n"))
+    frame = loaders.read_sequence_file(write_file("s.txt", "alice B0001 B0002 B0003\n")).frame()
     assert frame["item"].tolist() == ["B0001", "B0002", "B0003"]
 
 
@@ -43,7 +43,7 @@ def test_movielens_dat(write_file):
     path = write_file(
         "ml/ratings.dat", "1::1193::5::978300760\n1::661::3::978302109\n2::1193::4::978298413\n"
     )
-    frame = loaders.read_movielens(path)
+    frame = loaders.read_movielens(path).frame()
     assert list(frame.columns) == ["user", "item", "rating", "timestamp"]
     assert frame["item"].tolist() == [1193, 661, 1193]
     assert frame["rating"].tolist() == [5.0, 3.0, 4.0]
@@ -52,7 +52,7 @@ def test_movielens_dat(write_file):
 
 def test_movielens_100k_gzipped(write_file):
     path = write_file("ml100k/u.data.gz", "196\t242\t3\t881250949\n186\t302\t3\t891717742\n")
-    frame = loaders.read_movielens(path)
+    frame = loaders.read_movielens(path).frame()
     assert frame["user"].tolist() == [196, 186]
     assert resolve_format("auto", str(path)) == "movielens"
 
@@ -61,18 +61,19 @@ def test_movielens_csv_with_header(write_file):
     path = write_file(
         "latest/ratings.csv", "userId,movieId,rating,timestamp\n1,1,4.0,964982703\n1,3,4.5,964981247\n"
     )
-    frame = loaders.read_movielens(path)
+    frame = loaders.read_movielens(path).frame()
     assert frame["rating"].tolist() == [4.0, 4.5]
 
 
 def test_movielens_malformed_row_has_line_number(write_file):
     path = write_file("m/ratings.dat", "1::1193::5::978300760\n1::661::3\n")
     with pytest.raises(
-        UserInputError, match=r"ratings\.dat:2: malformed row: no value in column 'timestamp'"
+        UserInputError,
+        match=r"ratings\.dat:2: malformed row: expected 4 fields \(user, item, rating, timestamp\), found 3",
     ):
         loaders.read_movielens(path)
     path = write_file("m1/ratings.dat", "1::1193::5::978300760\n1::661::3::9::9\n")
-    with pytest.raises(UserInputError, match=r"ratings\.dat: malformed row: .*line 2"):
+    with pytest.raises(UserInputError, match=r"ratings\.dat:2: malformed row: expected 4 fields .*found 5"):
         loaders.read_movielens(path)
     path = write_file(
         "m2/ratings.csv", "userId,movieId,rating,timestamp\n1,1,4.0,964982703\n1,3,abc,964981247\n"
@@ -88,7 +89,7 @@ def test_interactions_csv_with_mapping_and_datetimes(write_file):
     )
     frame = loaders.read_interactions_file(
         path, {"user": "visitor", "item": "product", "timestamp": "when", "event": "kind"}
-    )
+    ).frame()
     assert frame["user"].tolist() == ["v1", "v1"]
     assert frame["event"].tolist() == ["view", "buy"]
     assert frame["timestamp"].iloc[0] > frame["timestamp"].iloc[1]
@@ -97,14 +98,14 @@ def test_interactions_csv_with_mapping_and_datetimes(write_file):
 def test_interactions_without_timestamp_use_file_order(write_file):
     frame = loaders.read_interactions_file(
         write_file("e.tsv", "u\ti\n1\t5\n1\t6\n"), {"user": "u", "item": "i"}, sep="\t"
-    )
+    ).frame()
     assert frame["timestamp"].tolist() == [0, 1]
 
 
 def test_interactions_parquet(tmp_path):
     path = tmp_path / "events.parquet"
     pd.DataFrame({"uid": [1, 1, 2], "iid": [7, 8, 7], "ts": [3, 4, 5]}).to_parquet(path)
-    frame = loaders.read_interactions_file(path, {"user": "uid", "item": "iid", "timestamp": "ts"})
+    frame = loaders.read_interactions_file(path, {"user": "uid", "item": "iid", "timestamp": "ts"}).frame()
     assert frame["item"].tolist() == [7, 8, 7]
     assert resolve_format("auto", str(path)) == "interactions"
 

@@ -116,8 +116,16 @@ def test_cache_roundtrip_atomic_and_keyed_by_content(tmp_path, write_file):
     raw_bytes = source.read_bytes()
     cache = tmp_path / "cache"
     first = load_sequence_data("toy", Source("sequence", str(source)), PreprocessSettings(), cache)
-    files = list(cache.iterdir())
-    assert len(files) == 1 and files[0].suffix == ".npz"  # no temporary left behind
+    (cached,) = cache.iterdir()  # no temporary (nor the engine's scratch) left behind
+    assert cached.is_dir() and sorted(p.name for p in cached.iterdir()) == [
+        "item_ids.npy",
+        "items.npy",
+        "meta.json",
+        "offsets.npy",
+        "timestamps.npy",
+        "user_ids.npy",
+    ]
+    assert isinstance(first.items, np.memmap) and not first.items.flags.writeable  # mapped, read-only
     second = load_sequence_data("toy", Source("sequence", str(source)), PreprocessSettings(), cache)
     assert second.fingerprint == first.fingerprint
     np.testing.assert_array_equal(second.items, first.items)
@@ -135,8 +143,8 @@ def test_cache_roundtrip_atomic_and_keyed_by_content(tmp_path, write_file):
 def test_string_ids_survive_the_cache(tmp_path):
     data = preprocess(frame([("a", "x", 0), ("a", "y", 1), ("a", "z", 2)]), PreprocessSettings())
     data.fingerprint = "f"
-    data.save(tmp_path / "d.npz")
-    loaded = SequenceData.load(tmp_path / "d.npz")
+    data.save(tmp_path / "d")
+    loaded = SequenceData.load(tmp_path / "d")
     assert loaded.item_ids.tolist() == ["", "x", "y", "z"]
     assert loaded.user_ids.tolist() == ["a"]
 
