@@ -70,7 +70,7 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     if cfg.exclude_events != "as_trained":  # e.g. all seen items instead of bought ones only
         run_cfg.data.exclude_events = None if cfg.exclude_events == "all" else cfg.exclude_events
 
-    datamodule = instantiate(run_cfg.data, seen_items=seen_items)
+    datamodule = instantiate(run_cfg.data, seen_items=seen_items, max_users=cfg.evaluation.get("max_users"))
     check_same_data(ckpt_path, checkpoint.get("data_fingerprint"), datamodule, run_cfg.data.path)
     datamodule.prepare_data()
     datamodule.setup("test")

@@ -91,10 +91,17 @@ class SequenceDataModule(pl.LightningDataModule):
         width_multiple: int = 1,
         seen_items: str = "exclude",
         memory_limit: str | int | None = "auto",
+        max_users: int | None = None,
     ):
         super().__init__()
         # Not a data key: train.py and evaluate.py pass evaluation.seen_items.
         self.seen_items = check_seen_items(seen_items)
+        # Not a data key either: evaluation.max_users.
+        if max_users is not None and (
+            isinstance(max_users, bool) or not isinstance(max_users, int) or max_users < 1
+        ):
+            raise UserInputError(f"evaluation.max_users: must be an integer >= 1 or null, got {max_users!r}")
+        self.max_users = max_users
         self.hide_target_item = hide_target_item
         self.width_multiple = _integer_at_least_one("width_multiple", width_multiple)
         self.device_batches = device_batches_setting(device_batches)
@@ -347,6 +354,22 @@ class SequenceDataModule(pl.LightningDataModule):
         users, positions, self._evaluation_counts[split] = leave_out_seen_targets(
             users, positions, repeat, self.seen_items, split, self.name
         )
+        if self.max_users is not None and len(users) > self.max_users:
+            # A seeded sample, the same for every model evaluated with this seed (paired tests).
+            rng = np.random.default_rng([self.seed, 2, SPLITS.index(split)])
+            chosen = np.sort(rng.choice(len(users), self.max_users, replace=False))
+            users, positions = users[chosen], positions[chosen]
+            self._evaluation_counts[split][f"{split}/users_ranked"] = self.max_users
+            self._evaluation_counts[split][f"{split}/users_sample"] = (
+                f"seeded sample of {self.max_users} of {self._evaluation_counts[split][f'{split}/users']} "
+                f"users (evaluation.max_users, seed {self.seed})"
+            )
+            log.info(
+                "data %s: %s ranked on %s",
+                self.name,
+                self._evaluation_counts[split][f"{split}/users_sample"],
+                split,
+            )
         self._evaluated[split] = (users, positions)
         return users, positions
 
@@ -358,7 +381,8 @@ class SequenceDataModule(pl.LightningDataModule):
 
     def evaluation_counts(self, split: str) -> dict[str, float]:
         """For metrics.json: `<split>/users` evaluated (every user of the split, not the
-        data.val_users subset), `<split>/repeat_targets` (users whose target is a seen item) and
+        data.val_users subset; under evaluation.max_users, `<split>/users_ranked` of them in a seeded
+        sample, described by `<split>/users_sample`), `<split>/repeat_targets` (users whose target is a seen item) and
         their share among the split's users, `<split>/users_left_out` (those of them left out:
         all under evaluation.seen_items=exclude, none otherwise)."""
         self.evaluated_users(split)

@@ -33,14 +33,17 @@ from recsys.data.split import Split
 def gather_windows(
     items: np.ndarray, starts: np.ndarray, ends: np.ndarray, width: int | None = None
 ) -> np.ndarray:
-    """Rows items[starts[i]:ends[i]], right-padded with 0 to the longest row (or to `width`)."""
+    """Rows items[starts[i]:ends[i]], right-padded with 0 to the longest row (or to `width`).
+    Integers come out as int64 whatever the cache stores them as (items are int32 there where
+    the catalogue fits): batches and their consumers see one dtype."""
     lengths = ends - starts
     if width is None:
         width = int(lengths.max()) if len(lengths) else 0
     columns = np.arange(width, dtype=np.int64)
     index = starts[:, None] + columns[None, :]
     valid = columns[None, :] < lengths[:, None]
-    return np.where(valid, items[np.minimum(index, len(items) - 1)], 0)
+    rows = np.where(valid, items[np.minimum(index, len(items) - 1)], 0)
+    return rows.astype(np.int64, copy=False) if rows.dtype.kind in "iu" else rows
 
 
 def rounded_width(longest: int, multiple: int, cap: int) -> int:
@@ -154,7 +157,7 @@ class EvalUsers(Dataset):
         indices = np.asarray(indices, dtype=np.int64)
         data = self.data
         target_pos = self.target_pos[indices]
-        target = data.items[target_pos]
+        target = data.items[target_pos].astype(np.int64)
         seen_start = self.seen_start[indices]
         # Every event before the target, right-padded; with hide_target_item, without the
         # target item's own earlier events (then compacted, still right-padded).

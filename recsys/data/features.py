@@ -23,9 +23,15 @@ def gap_bucket(gaps: np.ndarray) -> np.ndarray:
     return np.minimum(buckets, NUM_GAP_BUCKETS - 1).astype(np.int8)
 
 
-def time_gap_buckets(offsets: np.ndarray, timestamps: np.ndarray) -> np.ndarray:
-    """(num_events,) int8 bucket of the time since the same user's previous event."""
-    buckets = gap_bucket(np.diff(timestamps.astype(np.float64), prepend=0.0))
+def time_gap_buckets(offsets: np.ndarray, timestamps: np.ndarray, chunk: int = 1 << 24) -> np.ndarray:
+    """(num_events,) int8 bucket of the time since the same user's previous event (computed
+    `chunk` events at a time: the float temporaries stay small on a large log)."""
+    buckets = np.empty(len(timestamps), dtype=np.int8)
+    for begin in range(0, len(timestamps), chunk):
+        # Each chunk starts one event early, for the gap of its first event.
+        times = np.asarray(timestamps[max(begin - 1, 0) : begin + chunk], dtype=np.float64)
+        gaps = np.diff(times) if begin else np.diff(times, prepend=0.0)
+        buckets[begin : begin + chunk] = gap_bucket(gaps)
     first = offsets[:-1][np.diff(offsets) > 0]
     buckets[first] = 1
     return buckets

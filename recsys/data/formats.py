@@ -148,7 +148,9 @@ def describe(source: Source) -> dict[str, Any]:
     if data_format.reads_file:
         if source.path is None:
             raise UserInputError(f"data.path: required for data.format={name!r}")
-        described["sha256"] = file_sha256(loaders.check_readable(source.path, directory_ok=name == "interactions"))
+        described["sha256"] = file_sha256(
+            loaders.check_readable(source.path, directory_ok=name == "interactions")
+        )
     if source.test_path is not None:
         described["test_sha256"] = file_sha256(loaders.check_readable(source.test_path))
     return described

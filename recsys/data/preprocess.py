@@ -412,9 +412,7 @@ def _check_time_order(interactions: Interactions, work: str, mode: str) -> dict:
     if not users:
         return {"users_sorted_by_time": 0}
     if mode == "error":
-        timestamp, user = engine.first(
-            f"SELECT timestamp, user FROM {work} WHERE row = ?", [first]
-        )
+        timestamp, user = engine.first(f"SELECT timestamp, user FROM {work} WHERE row = ?", [first])
         raise UserInputError(
             f"{interactions.locate(first)}: timestamp {timestamp!r} of user {user!r} is earlier "
             "than that user's previous row (data.time_order: error; use sort to reorder)"

@@ -34,6 +34,8 @@ from recsys.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
+# Events counted at a time (bounds the temporaries of a large log).
+_CHUNK_EVENTS = 1 << 24
 # The evaluation splits a data module serves.
 SPLITS = ("val", "test")
 
@@ -142,14 +144,25 @@ def protocol_text(target_events: list[str] | None, exclude_events: list[str] | N
 
 def training_item_counts(data: SequenceData, split: Split) -> np.ndarray:
     """(num_items + 1,) int64: how often each item occurs in the training part of the histories
-    (with target types, only in events of those types); index = item id, 0 = padding."""
-    lengths = np.diff(data.offsets)
-    position = np.arange(len(data.items))
-    in_train = position < np.repeat(split.train_end, lengths)
+    (with target types, only in events of those types); index = item id, 0 = padding.
+
+    Counted as every event's item minus those of the held-out ends of the histories (from each
+    user's `train_end` on), in chunks of the event arrays: no per-event temporary the size of a
+    large log."""
+    size = data.num_items + 1
+    counts = np.zeros(size, dtype=np.int64)
+    for begin in range(0, len(data.items), _CHUNK_EVENTS):
+        items = data.items[begin : begin + _CHUNK_EVENTS]
+        if split.is_target is not None:
+            items = items[split.is_target[begin : begin + _CHUNK_EVENTS]]
+        counts += np.bincount(items, minlength=size)
+    held_out = data.offsets[1:] - split.train_end
+    first = np.repeat(split.train_end - (np.cumsum(held_out) - held_out), held_out)
+    positions = first + np.arange(int(held_out.sum()), dtype=np.int64)
     if split.is_target is not None:
-        in_train &= split.is_target
-    counts = np.bincount(data.items[in_train], minlength=data.num_items + 1)
-    return counts.astype(np.int64)
+        positions = positions[split.is_target[positions]]
+    counts -= np.bincount(data.items[positions], minlength=size)
+    return counts
 
 
 def leave_out_seen_targets(

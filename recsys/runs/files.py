@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -88,15 +89,23 @@ def write_config(path: str | os.PathLike, cfg: DictConfig) -> None:
     write_text_atomic(path, OmegaConf.to_yaml(cfg, resolve=True))
 
 
-def run_with_user_errors(run_dir: Path, body: Callable[[], Any]) -> Any:
-    """Run `body`; on bad input print one line and exit 2, removing a run dir that holds only logs."""
+def run_with_user_errors(run_dir: Path | None, body: Callable[[], Any]) -> Any:
+    """Run `body`; on bad input print one line and exit 2, removing a run dir that holds only logs
+    (None: the command writes no run dir)."""
     try:
-        return body()
+        try:
+            return body()
+        except InstantiationException as err:
+            # A constructor's own bad-input error (a data key, say), wrapped by hydra.utils.instantiate.
+            if isinstance(err.__cause__, UserInputError):
+                raise err.__cause__ from None
+            raise
     except (UserInputError, OmegaConfBaseException) as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if isinstance(err, OmegaConfBaseException) and getattr(err, "full_key", None):
             message = f"config key {err.full_key}: {message}"
-        _remove_if_only_logs(run_dir)
+        if run_dir is not None:
+            _remove_if_only_logs(run_dir)
         print(f"error: {message}", file=sys.stderr)
         logging.shutdown()
         sys.exit(2)

@@ -9,7 +9,8 @@ import hashlib
 
 import numpy as np
 
-SHARED = "../shared/data"
+# Resolved by the data configs' ${paths.shared_data_dir} (RECSYS_SHARED_DATA or ../shared/data).
+SHARED = "${paths.shared_data_dir}"
 TAOBAO = f"{SHARED}/taobao_userbehavior"
 RETAILROCKET_COLUMNS = {"user": "user_id", "item": "item_id", "event": "behavior", "timestamp": "timestamp"}
 

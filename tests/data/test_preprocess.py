@@ -8,6 +8,7 @@ from recsys.data.cache import load_sequence_data
 from recsys.data.formats import Source
 from recsys.data.preprocess import PreprocessSettings, SequenceData, preprocess
 from recsys.errors import UserInputError
+from tests.data.reference_preprocess import reference_preprocess
 
 
 def frame(rows):
@@ -155,3 +156,58 @@ def test_shipped_beauty_statistics():
     path = Path(__file__).parents[2] / "data" / "amazon_beauty" / "Beauty.txt.gz"
     data = load_sequence_data("beauty", Source("sequence", str(path)), PreprocessSettings(), None)
     assert (data.num_users, data.num_items, len(data.items)) == (22363, 12101, 198502)
+
+
+def random_interactions(rng: np.random.Generator) -> tuple[pd.DataFrame, PreprocessSettings]:
+    """A small random canonical table (ties in time, rows out of order, string or integer ids,
+    float or integer times, ratings, event types) and random settings to preprocess it with."""
+    rows = int(rng.integers(20, 400))
+    users = rng.integers(0, int(rng.integers(1, 40)), rows)
+    items = rng.integers(0, int(rng.integers(1, 60)), rows)
+    frame = pd.DataFrame(
+        {
+            "user": users.astype(str) if rng.random() < 0.3 else users * 7 - 50,
+            "item": np.char.add("i", items.astype(str)) if rng.random() < 0.3 else items,
+            "timestamp": rng.integers(0, 30, rows) * (1.5 if rng.random() < 0.3 else 1),
+            "rating": rng.integers(1, 6, rows).astype(float),
+            "event": rng.choice(["view", "cart", "buy", "like"], rows),
+        }
+    )
+    typed = rng.random() < 0.5
+    settings = PreprocessSettings(
+        min_rating=float(rng.integers(1, 4)) if rng.random() < 0.3 else None,
+        min_user_interactions=int(rng.choice([0, 0, 2, 4])),
+        min_item_interactions=int(rng.choice([0, 0, 2, 3])),
+        kcore_iterative=bool(rng.random() < 0.7),
+        min_history=int(rng.choice([2, 3, 5])),
+        event_types=("view", "cart", "buy") if typed else None,
+        event_map=(("like", "cart"),) if typed else (),
+        keep_events=("buy", "cart") if typed and rng.random() < 0.4 else None,
+    )
+    return frame, settings
+
+
+def outcome(run):
+    try:
+        return run()
+    except UserInputError as err:
+        return str(err)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_engine_preprocesses_as_the_plain_reference(seed):
+    frame, settings = random_interactions(np.random.default_rng(seed))
+    expected = outcome(lambda: reference_preprocess(frame, settings, source="data"))
+    got = outcome(lambda: preprocess(frame, settings, source="data"))
+    if isinstance(expected, str):
+        assert got == expected
+        return
+    assert not isinstance(got, str), got
+    for name in ("offsets", "items", "user_ids", "item_ids", "events", "event_names"):
+        want, have = getattr(expected, name), getattr(got, name)
+        assert (want is None) == (have is None), name
+        if want is not None:
+            assert have.tolist() == want.tolist(), name
+    if expected.events is not None:
+        assert got.timestamps.tolist() == expected.timestamps.tolist()
+    assert got.stats == expected.stats
