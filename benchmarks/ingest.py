@@ -2,6 +2,7 @@
 
     python benchmarks/ingest.py --rows 10000000 [--format csv|csv.gz|parquet|parts] [--events]
         [--memory-limit 3GB] [--workdir /tmp/recsys-ingest] [--keep] [--old] [--train-step]
+        [--skip-datamodule] [--results benchmarks/results/ingest.jsonl]
 
 The log (columns user_id,item_id,ts[,event]) is written by DuckDB itself, never held in Python:
 about N/20 users with geometric history lengths (mean 20), items drawn from a Zipf law (exponent
@@ -81,17 +82,11 @@ def generate(path: Path, args) -> None:
     total, users = con.execute("SELECT sum(len), count(*) FROM users").fetchone()
     assert total == rows, f"generated {total} rows, not {rows}: raise the share of candidate users"
     s = 1 - ZIPF  # inverse CDF of a Zipf (bounded Pareto) law over ranks 1..items
-    rank = (
-        f"least({items}, floor(pow(1 + {uniform('r', seed, 3)} * (pow({items}, {s}) - 1), {1 / s})))::BIGINT"
-    )
+    rank = f"least({items}, floor(pow(1 + {uniform('r', seed, 3)} * (pow({items}, {s}) - 1), {1 / s})))::BIGINT"  # fmt: skip
     step = f"CASE WHEN {uniform('r', seed, 4)} < {LATE_SHARE} THEN floor({uniform('r', seed, 5)} * k)::BIGINT ELSE k END"
     view, cart = EVENT_SHARES
-    event = (
-        f", CASE WHEN {uniform('r', seed, 7)} < {view} THEN 'view' "
-        f"WHEN {uniform('r', seed, 7)} < {view + cart} THEN 'cart' ELSE 'buy' END AS event"
-        if args.events
-        else ""
-    )
+    event = f", CASE WHEN {uniform('r', seed, 7)} < {view} THEN 'view' WHEN {uniform('r', seed, 7)} < {view + cart} THEN 'cart' ELSE 'buy' END AS event"  # fmt: skip
+    event = event if args.events else ""
 
     def select(where: str) -> str:
         return (
@@ -210,15 +205,9 @@ def start_datamodule(args, log: Path, cache: Path) -> dict:
 
     source, _ = source_and_settings(args, log)
     before = proc_status()
-    module = SequenceDataModule(
-        name="bench",
-        path=str(log),
-        format="interactions",
-        columns=source.columns,
-        cache_dir=str(cache),
-        event_types=list(EVENT_TYPES) if args.events else None,
-        memory_limit=args.memory_limit,
-    )
+    events = list(EVENT_TYPES) if args.events else None
+    module = SequenceDataModule(name="bench", path=str(log), format="interactions", columns=source.columns,
+                                cache_dir=str(cache), event_types=events, memory_limit=args.memory_limit)  # fmt: skip
     started = time.perf_counter()
     module.source_fingerprint()
     hashed = time.perf_counter()
@@ -281,9 +270,8 @@ def old_tree(workdir: Path) -> Path:
     tree = workdir / f"recsys-{OLD_COMMIT}"
     if not (tree / "recsys").is_dir():
         tree.mkdir(parents=True, exist_ok=True)
-        archive = subprocess.Popen(
-            ["git", f"--git-dir={ROOT / '.git'}", "archive", OLD_COMMIT, "recsys"], stdout=subprocess.PIPE
-        )
+        command = ["git", f"--git-dir={ROOT / '.git'}", "archive", OLD_COMMIT, "recsys"]
+        archive = subprocess.Popen(command, stdout=subprocess.PIPE)
         subprocess.run(["tar", "-x", "-C", str(tree)], stdin=archive.stdout, check=True)
         if archive.wait() != 0:
             raise SystemExit(f"git archive {OLD_COMMIT} failed")
@@ -292,9 +280,7 @@ def old_tree(workdir: Path) -> Path:
 
 def table(args, stages: dict) -> str:
     """Rows, format, stage, seconds, peak RSS, cache size: one line per stage, and notes."""
-    lines = [
-        f"{'rows':>12} {'format':8} {'stage':11} {'seconds':>8} {'peak RSS GB':>11} {'cache GB':>8}  notes"
-    ]
+    lines = [f"{'rows':>12} {'format':8} {'stage':11} {'seconds':>8} {'peak RSS GB':>11} {'cache GB':>8}  notes"]  # fmt: skip
     for name, got in stages.items():
         notes = [f"wall {got['wall_seconds']:.1f} s"] if "wall_seconds" in got else []
         if "error" in got:
@@ -310,16 +296,14 @@ def table(args, stages: dict) -> str:
                 f"(+{got['rss_anon_growth_gb']:.2f} in setup), RssFile {got['rss_after_gb']['RssFile']:.2f} GB"
             )
         elif "peak_disk_gb" in got:
-            notes.append(f"peak disk {got['peak_disk_gb']:.2f} GB (cache dir with DuckDB's files)")
+            notes.append(f"peak disk {got['peak_disk_gb']:.2f} GB (the cache dir while it ran)")
         cells = [("-" if got.get(k) is None else f"{got[k]:.{d}f}") for k, d in (("seconds", 1), ("peak_rss_gb", 2), ("cache_gb", 2))]  # fmt: skip
         lines.append(f"{args.rows:>12,} {args.format:8} {name:11} {cells[0]:>8} {cells[1]:>11} {cells[2]:>8}  {'; '.join(notes)}")  # fmt: skip
     return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--rows", type=int, required=True)
     parser.add_argument("--format", default="csv", choices=list(SUFFIXES))
     parser.add_argument("--events", action="store_true", help="an event column (view/cart/buy)")
@@ -329,6 +313,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the caches (the logs are always kept)")
     parser.add_argument("--old", action="store_true", help=f"also the preprocessing of commit {OLD_COMMIT}")
     parser.add_argument("--train-step", action="store_true", help="also train.py for one step")
+    parser.add_argument("--skip-datamodule", action="store_true", help="preprocess only (a quick look)")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "ingest.jsonl"))
     parser.add_argument("--stage", help=argparse.SUPPRESS)  # internal: run one stage in this process
     args = parser.parse_args()
@@ -358,7 +343,7 @@ def main() -> None:
         preprocess = child("preprocess")
         stages["fingerprint"] = {"seconds": preprocess.get("fingerprint_seconds")}
         stages["preprocess"] = preprocess
-        if "error" not in preprocess:
+        if "error" not in preprocess and not args.skip_datamodule:
             stages["datamodule"] = child("datamodule")
         if args.train_step and "error" not in preprocess:
             stages["train_step"] = run(train_step_command(args, log, run_dir), run_dir / "train.log")

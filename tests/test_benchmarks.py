@@ -1,6 +1,7 @@
 """The benchmark scripts run and print one JSON line with their figures (tiny sizes, CPU)."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +97,39 @@ def test_benchmark_prints_one_json_line(script, args, figure):
     assert result.returncode == 0, result.stderr[-2000:]
     record = json.loads(result.stdout.strip().splitlines()[-1])
     assert record[figure] is not None and record["device"].startswith("cpu")
+
+
+def test_ingest_prints_its_table_and_appends_one_json_line(tmp_path):
+    """benchmarks/ingest.py on 20,000 rows: a CSV file through every stage, and beside it a
+    directory of parquet parts through preprocessing (each stage is a fresh Python process that
+    spends most of its time importing torch)."""
+    runs = {
+        fmt: subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "benchmarks" / "ingest.py"),
+                *("--rows", "20000", "--format", fmt, "--events", "--workdir", str(tmp_path / fmt)),
+                *("--results", str(tmp_path / f"{fmt}.jsonl")),
+                *(["--skip-datamodule"] if fmt == "parts" else []),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        for fmt in ("csv", "parts")
+    }
+    for fmt, process in runs.items():
+        out, err = process.communicate(timeout=120)
+        assert process.returncode == 0, (out + err)[-2000:]
+        for stage in ("generate", "fingerprint", "preprocess", *(["datamodule"] if fmt == "csv" else [])):
+            assert re.search(rf"^ +20,000 {fmt} +{stage} ", out, re.MULTILINE), out
+        (line,) = (tmp_path / f"{fmt}.jsonl").read_text().splitlines()
+        record = json.loads(line)
+        assert record == json.loads(out.strip().splitlines()[-1])
+        assert record["benchmark"] == "ingest" and record["rows"] == 20000 and record["format"] == fmt
+        preprocess = record["stages"]["preprocess"]
+        assert preprocess["stats"]["raw_interactions"] == 20000
+        assert preprocess["cache_gb"] > 0 and preprocess["peak_rss_gb"] > 0
+    assert record["stages"].keys() == {"generate", "fingerprint", "preprocess"}  # parts: --skip-datamodule
+    assert json.loads((tmp_path / "csv.jsonl").read_text())["stages"]["datamodule"]["mapped"]
