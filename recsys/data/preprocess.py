@@ -57,6 +57,25 @@ ARRAYS = ("offsets", "items", "timestamps", "user_ids", "item_ids", "events", "e
 _BATCH_ROWS = 1 << 20
 
 
+class MappedArray(np.memmap):
+    """A cache array mapped from its .npy file, which pickles as its path: a DataLoader worker or
+    a process started by spawn or forkserver maps the file again instead of receiving a copy.
+    (Slices of it pickle their values, as any array.)"""
+
+    npy_path: str | None = None
+
+    def __reduce__(self):
+        if self.npy_path is not None:
+            return (_map_npy, (self.npy_path,))
+        return super().__reduce__()
+
+
+def _map_npy(path: str) -> MappedArray:
+    array = np.load(path, mmap_mode="r", allow_pickle=False).view(MappedArray)
+    array.npy_path = path
+    return array
+
+
 @dataclass
 class SequenceData:
     """Time-ordered item sequences of all users in CSR form, with the raw ids they came from."""
@@ -129,7 +148,7 @@ class SequenceData:
         arrays = {}
         for name in ARRAYS:
             file = path / f"{name}.npy"
-            arrays[name] = np.load(file, mmap_mode="r", allow_pickle=False) if file.exists() else None
+            arrays[name] = _map_npy(str(file)) if file.exists() else None
         return cls(**arrays, fingerprint=meta["fingerprint"], stats=meta["stats"], has_time=meta["has_time"])
 
 

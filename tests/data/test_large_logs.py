@@ -2,6 +2,7 @@
 the chunked counts, a seeded evaluation sample and prepare.py (issue 27). Small generated data;
 the sizes and times at scale are in benchmarks/ingest.py and BENCHMARKS.md."""
 
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +74,16 @@ def test_csv_parquet_and_parts_give_the_same_sequences(tmp_path):
     # Three caches, no scratch left behind, each mapped read-only.
     assert sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir()) == ["log"] * 3
     assert isinstance(from_parts.items, np.memmap) and not from_parts.items.flags.writeable
+
+
+def test_mapped_arrays_travel_to_other_processes_as_their_path(tmp_path):
+    data = load(write_parts(log_frame(), tmp_path / "parts", 2), tmp_path)
+    sent = pickle.dumps(data.items)  # what a DataLoader worker started by spawn receives
+    assert len(sent) < 1000 < data.items.nbytes
+    received = pickle.loads(sent)
+    assert received.filename == data.items.filename and np.array_equal(received, data.items)
+    part = pickle.loads(pickle.dumps(data.items[5:9]))  # a slice is sent as its values
+    assert part.tolist() == data.items[5:9].tolist()
 
 
 def test_a_part_with_a_bad_row_is_named(tmp_path):
