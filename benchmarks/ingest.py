@@ -20,6 +20,9 @@ Each stage runs in a fresh subprocess, so that its peak RSS (from wait4) is its 
   datamodule   SequenceDataModule.setup() on that cache and the first training batch
   train_step   train.py for one training step on that cache (--train-step)
   old          the pandas + numpy preprocessing of commit 1f97915 (--old; csv and parquet only)
+Peak RSS counts file-backed pages too: the cache arrays as preprocessing writes them, and as the
+data module reads them (its RssAnon/RssFile split at the end says which is which). Other jobs on the
+machine change the times a lot; the JSON line records the load average before and after.
 Prints a table, then one JSON line, also appended to --results.
 """
 

@@ -316,46 +316,66 @@ def preprocess(
         has_time=interactions.has_time,
     )
     # lexsort's order before: by user, then time, ties in file order.
+    code = ", w.code" if settings.event_types is not None else ""
     ordered = (
-        f"SELECT i.idx AS item, w.timestamp, w.code FROM {work} w JOIN {user_index} u USING (user) "
+        f"SELECT i.idx AS item, w.timestamp{code} FROM {work} w JOIN {user_index} u USING (user) "
         f"JOIN {item_index} i USING (item) ORDER BY u.idx, w.timestamp, w.row"
     )
+    per_event = [name for name in ("items", "timestamps", "events") if getattr(data, name) is not None]
     if destination is None:
-        _fill(engine, ordered, data, lambda name, dtype: np.empty(int(offsets[-1]), dtype=dtype))
+        for name in per_event:
+            setattr(data, name, np.empty(int(offsets[-1]), dtype=getattr(data, name).dtype))
+
+        def into_memory(name: str, values: np.ndarray, begin: int) -> None:
+            getattr(data, name)[begin : begin + len(values)] = values
+
+        _stream(engine, ordered, into_memory, int(offsets[-1]))
         return data
     with atomic_directory(destination) as tmp:
         for name in ("offsets", "user_ids", "item_ids", "event_names"):
             if getattr(data, name) is not None:
                 np.save(tmp / f"{name}.npy", getattr(data, name), allow_pickle=False)
+        # Written through files, not a writable mapping: the written pages stay in the page cache,
+        # out of this process's memory.
+        files = {
+            name: _npy_file(tmp / f"{name}.npy", getattr(data, name).dtype, int(offsets[-1]))
+            for name in per_event
+        }
+        try:
 
-        def mapped(name: str, dtype) -> np.ndarray:
-            return np.lib.format.open_memmap(
-                tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=(int(offsets[-1]),)
-            )
+            def into_files(name: str, values: np.ndarray, begin: int) -> None:
+                files[name].write(np.ascontiguousarray(values, dtype=getattr(data, name).dtype).tobytes())
 
-        _fill(engine, ordered, data, mapped)
-        for name in ("items", "timestamps", "events"):
-            if getattr(data, name) is not None:
-                getattr(data, name).flush()
+            _stream(engine, ordered, into_files, int(offsets[-1]))
+        finally:
+            for handle in files.values():
+                handle.close()
         (tmp / "meta.json").write_text(json.dumps(data._meta()))
     return SequenceData.load(destination)
 
 
-def _fill(engine: Engine, ordered: str, data: SequenceData, allocate) -> None:
-    """Stream the sorted events out of the engine into the item, time and event arrays."""
-    data.items = allocate("items", data.items.dtype)
-    data.timestamps = allocate("timestamps", data.timestamps.dtype)
-    if data.events is not None:
-        data.events = allocate("events", np.int8)
+def _npy_file(path: Path, dtype: np.dtype, length: int):
+    """An open .npy file of `length` values of `dtype` whose header is written: the values follow."""
+    handle = open(path, "wb")
+    header = {
+        "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+        "fortran_order": False,
+        "shape": (length,),
+    }
+    np.lib.format.write_array_header_1_0(handle, header)
+    return handle
+
+
+def _stream(engine: Engine, ordered: str, write, total: int) -> None:
+    """Hand the sorted events, a batch at a time, to `write(array name, values, first position)`."""
     begin = 0
+    names = ("items", "timestamps", "events")
     for batch in engine.batches(ordered, _BATCH_ROWS):
-        end = begin + batch.num_rows
-        data.items[begin:end] = batch.column(0).to_numpy()
-        data.timestamps[begin:end] = batch.column(1).to_numpy()
-        if data.events is not None:
-            data.events[begin:end] = batch.column(2).to_numpy()
-        begin = end
-    assert begin == len(data.items), "the engine returned another number of events than it counted"
+        for column, name in enumerate(names[: batch.num_columns]):
+            write(name, batch.column(column).to_numpy(), begin)
+        begin += batch.num_rows
+    if begin != total:
+        raise RuntimeError(f"the engine returned {begin} events, having counted {total}")
 
 
 def _count(engine: Engine, table: str) -> int:
