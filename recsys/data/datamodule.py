@@ -80,6 +80,7 @@ class SequenceDataModule(pl.LightningDataModule):
         seed: int = 0,
         device_batches: bool | str = "auto",
         test_path: str | None = None,
+        times_path: str | None = None,
         min_history: int = 3,
         time_order: str = "sort",
         event_types: list[str] | None = None,
@@ -109,7 +110,7 @@ class SequenceDataModule(pl.LightningDataModule):
         _at_least_one("val_users", val_users, nullable=True)
         _at_least_one("sliding_window_step", sliding_window_step, nullable=True)
         self.name = name
-        self.source = Source(format, path, columns, sep, synthetic, test_path)
+        self.source = Source(format, path, columns, sep, synthetic, test_path, times_path)
         check_event_keys(event_types, keep_events, target_events, exclude_events)
         self.settings = PreprocessSettings(
             min_rating=min_rating,

@@ -2,7 +2,8 @@
 source enters the cache fingerprint.
 
 A data config names its source with `data.format`, `data.path` and the options some formats read
-(`data.columns`, `data.sep`, `data.synthetic`, `data.test_path`); together they are a `Source`.
+(`data.columns`, `data.sep`, `data.synthetic`, `data.test_path`, `data.times_path`); together they
+are a `Source`.
 `FORMATS` maps each format name to a `DataFormat`: the function that reads a source into the
 canonical interactions table in the engine (recsys/data/loaders.py), the source options that change what it reads
 (they enter the fingerprint, beside the file's bytes), and whether it reads a file at all. Adding a
@@ -44,6 +45,7 @@ class Source:
     sep: str = ","  # interactions: the field separator of a CSV/TSV
     synthetic: dict = field(default_factory=dict)  # synthetic: the generator's parameters
     test_path: str | None = None  # retailrocket: the held-out test purchases
+    times_path: str | None = None  # sequence: a parallel file of each event's time
 
     def __post_init__(self) -> None:
         # Config mappings (or null) as plain dicts: what readers and the fingerprint take.
@@ -59,6 +61,7 @@ class DataFormat:
     options: tuple[str, ...] = ()  # Source fields that enter the fingerprint (beyond format and files)
     reads_file: bool = True  # False: generated, no data.path
     reads_test_path: bool = False  # reads data.test_path (any other format refuses one)
+    reads_times_path: bool = False  # reads data.times_path (any other format refuses one)
 
 
 def _read_interactions_file(source: Source, engine: Engine) -> Interactions:
@@ -73,7 +76,11 @@ def _generated(source: Source, engine: Engine) -> Interactions:
 
 FORMATS: dict[str, DataFormat] = {
     # One line per user: `user item item ...` (the Amazon, LastFM and ML-1M sequence files).
-    "sequence": DataFormat(lambda s, engine: loaders.read_sequence_file(s.path, engine)),
+    # With data.times_path, a parallel `user time time ...` file gives each event's time.
+    "sequence": DataFormat(
+        lambda s, engine: loaders.read_sequence_file(s.path, engine, times_path=s.times_path),
+        reads_times_path=True,
+    ),
     # MovieLens ratings.dat / u.data / ratings.csv.
     "movielens": DataFormat(lambda s, engine: loaders.read_movielens(s.path, engine=engine)),
     # Any CSV/TSV file (plain or gzipped), parquet file or directory of parquet parts, with a
@@ -115,11 +122,12 @@ def read_interactions(source: Source, engine: Engine | None = None) -> Interacti
     if data_format.reads_file:
         if source.path is None:
             raise UserInputError(f"data.path: required for data.format={name!r}")
-        if source.test_path is not None and not data_format.reads_test_path:
-            readers = [n for n, f in FORMATS.items() if f.reads_test_path]
-            raise UserInputError(
-                f"data.test_path: only data.format={'/'.join(readers)} reads one, not {name!r}"
-            )
+        for key, reads in (("test_path", "reads_test_path"), ("times_path", "reads_times_path")):
+            if getattr(source, key) is not None and not getattr(data_format, reads):
+                readers = [n for n, f in FORMATS.items() if getattr(f, reads)]
+                raise UserInputError(
+                    f"data.{key}: only data.format={'/'.join(readers)} reads one, not {name!r}"
+                )
     return data_format.read(source, engine or loaders.default_engine())
 
 
@@ -153,4 +161,6 @@ def describe(source: Source) -> dict[str, Any]:
         )
     if source.test_path is not None:
         described["test_sha256"] = file_sha256(loaders.check_readable(source.test_path))
+    if source.times_path is not None:  # only when set: fingerprints without it stay as they were
+        described["times_sha256"] = file_sha256(loaders.check_readable(source.times_path))
     return described

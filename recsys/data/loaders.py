@@ -133,13 +133,17 @@ def _open_text(path: Path) -> io.TextIOBase:
     return open(path, encoding="utf-8", errors="strict")
 
 
-def read_sequence_file(path: str | os.PathLike, engine: Engine | None = None) -> Interactions:
+def read_sequence_file(
+    path: str | os.PathLike, engine: Engine | None = None, times_path: str | os.PathLike | None = None
+) -> Interactions:
     """One line per user, `user item item ...`, separated by whitespace, plain or gzipped.
 
     This is the format of the S3-Rec/ICLRec Amazon files, LastFM and our ML-1M sequence file. Items
-    are in chronological order; the timestamp becomes the position within the line. (These files
-    are research data sets of at most a few million events: parsed in Python, which keeps every
-    error's line, then moved into the engine.)
+    are in chronological order; the timestamp becomes the position within the line, or, with
+    `times_path`, the time at the same position of the same user's line of that file (`user time
+    time ...`, e.g. the TiCoSeRec `*_time_org_rank.txt` files beside the Amazon sequences). (These
+    files are research data sets of at most a few million events: parsed in Python, which keeps
+    every error's line, then moved into the engine.)
     """
     path = Path(path)
     users: list[str] = []
@@ -184,12 +188,66 @@ def read_sequence_file(path: str | os.PathLike, engine: Engine | None = None) ->
             f"{path}: malformed row for user {users[line]!r}: item {tokens[bad]!r} is not an integer id"
         )
     lengths_array = np.asarray(lengths, dtype=np.int64)
-    starts = np.repeat(np.cumsum(lengths_array) - lengths_array, lengths_array)
-    position = np.arange(len(tokens), dtype=np.int64) - starts
+    if times_path is None:
+        starts = np.repeat(np.cumsum(lengths_array) - lengths_array, lengths_array)
+        times = np.arange(len(tokens), dtype=np.int64) - starts
+    else:
+        times = _parallel_times(Path(times_path), path, users, lengths)
     frame = pd.DataFrame(
-        {"user": np.repeat(user_array, lengths_array), "item": item_array, "timestamp": position}
+        {"user": np.repeat(user_array, lengths_array), "item": item_array, "timestamp": times}
     )
-    return Interactions.from_frame(frame, engine, str(path), has_time=False)
+    return Interactions.from_frame(frame, engine, str(path), has_time=times_path is not None)
+
+
+def _parallel_times(times_path: Path, path: Path, users: list[str], lengths: list[int]) -> np.ndarray:
+    """The times of a sequence file's events from a file with the same users on the same lines,
+    `user time time ...`, one time per item (numbers, e.g. unix seconds)."""
+    values: list[str] = []
+    index = 0  # the user (non-blank line) this line is for
+    try:
+        with _open_text(times_path) as handle:
+            for line_number, line in enumerate(handle, start=1):
+                parts = line.split()
+                if not parts:
+                    continue
+                if index >= len(users):
+                    raise UserInputError(
+                        f"{times_path}:{line_number}: more lines than {path} has users ({len(users)})"
+                    )
+                if parts[0] != users[index]:
+                    raise UserInputError(
+                        f"{times_path}:{line_number}: user {parts[0]!r}, where {path} has user "
+                        f"{users[index]!r} (expected the same users on the same lines)"
+                    )
+                if len(parts) - 1 != lengths[index]:
+                    raise UserInputError(
+                        f"{times_path}:{line_number}: {len(parts) - 1} times for user {parts[0]!r}, who has "
+                        f"{lengths[index]} items in {path}"
+                    )
+                values.extend(parts[1:])
+                index += 1
+    except UnicodeDecodeError as err:
+        raise UserInputError(f"{times_path}: not a UTF-8 text file ({err.reason})") from None
+    except (OSError, EOFError) as err:
+        raise UserInputError(f"{times_path}: cannot be read ({err})") from None
+    if index < len(users):
+        raise UserInputError(f"{times_path}: fewer lines than {path} has users ({len(users)})")
+    try:
+        return np.asarray(values, dtype=np.int64)
+    except (ValueError, OverflowError):
+        try:
+            return np.asarray(values, dtype=np.float64)
+        except ValueError:
+            bad = next(v for v in values if not _is_number(v))
+            raise UserInputError(f"{times_path}: time {bad!r} is not a number") from None
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_int(token: str) -> bool:

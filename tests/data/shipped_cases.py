@@ -72,3 +72,7 @@ def digest(data) -> dict[str, str]:
     if data.events is not None:
         arrays.update(events=data.events, event_names=data.event_names, timestamps=data.timestamps)
     return {name: _array_digest(values) for name, values in arrays.items()}
+
+
+# Data sets that add real times to a shipped one: their sequences and ids must be the same.
+TIMED = {"amazon_beauty_time": "amazon_beauty", "amazon_sports_time": "amazon_sports"}

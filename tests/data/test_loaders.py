@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from recsys.data import loaders
-from recsys.data.formats import resolve_format
+from recsys.data.formats import Source, read_interactions, resolve_format
 from recsys.errors import UserInputError
 
 
@@ -122,3 +122,24 @@ def test_interactions_bad_timestamp_names_line(write_file):
     path = write_file("e.csv", "user,item,ts\n1,2,5\n1,3,not-a-time\n")
     with pytest.raises(UserInputError, match=r"e\.csv:3: malformed row: column 'ts'"):
         loaders.read_interactions_file(path, {"user": "user", "item": "item", "timestamp": "ts"})
+
+
+def test_sequence_times_come_from_a_parallel_file(write_file):
+    items = write_file("s.txt", "1 10 11 12\n2 13 10\n")
+    times = write_file("t.txt.gz", "1 100 100 250\n2 50 60\n")
+    frame = loaders.read_sequence_file(items, times_path=times).frame()
+    assert frame["timestamp"].tolist() == [100, 100, 250, 50, 60]
+    for text, message in (
+        ("1 100 100 250\n3 50 60\n", r"t2\.txt:2: user '3', where .*s\.txt has user '2'"),
+        ("1 100 100\n2 50 60\n", r"t2\.txt:1: 2 times for user '1', who has 3 items"),
+        ("1 100 100 250\n", r"t2\.txt: fewer lines than .*s\.txt has users \(2\)"),
+        ("1 100 100 250\n2 50 later\n", r"t2\.txt: time 'later' is not a number"),
+    ):
+        with pytest.raises(UserInputError, match=message):
+            loaders.read_sequence_file(items, times_path=write_file("t2.txt", text))
+    with pytest.raises(
+        UserInputError, match=r"^data\.times_path: only data\.format=sequence reads one, not 'movielens'$"
+    ):
+        read_interactions(
+            Source("movielens", str(write_file("u.data", "1\t2\t3\t4\n")), times_path=str(times))
+        )
