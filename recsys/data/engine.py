@@ -9,7 +9,8 @@ the sort included, obeys by spilling, and because a bad row comes back with its 
 
 `Engine` is one DuckDB connection for one preprocessing run: `data.memory_limit` ("auto": an
 eighth of this machine's memory, at least 1 GB; or a size such as "4GB"), every core the process
-may use, and a scratch directory for the tables and the spill files, removed when the run ends.
+may use, and a scratch directory for the tables and the spill files, removed when the run ends (and,
+if its process was killed, by the next engine started on the same machine).
 Times are read in UTC.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -88,7 +90,8 @@ class Engine:
         self.memory_limit_setting = memory_limit
         if scratch_parent is not None:
             Path(scratch_parent).mkdir(parents=True, exist_ok=True)
-        self.scratch = Path(tempfile.mkdtemp(prefix=".ingest-", dir=scratch_parent))
+        remove_abandoned_scratch(Path(scratch_parent or tempfile.gettempdir()))
+        self.scratch = Path(tempfile.mkdtemp(prefix=f"{_scratch_prefix()}{os.getpid()}-", dir=scratch_parent))
         try:
             # A database file, not an in-memory one: tables larger than the memory limit are paged
             # out to it (compressed) instead of failing.
@@ -148,6 +151,31 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _scratch_prefix() -> str:
+    return f".ingest-{socket.gethostname()}-"
+
+
+def remove_abandoned_scratch(parent: Path) -> None:
+    """Remove the scratch directories that engines of this machine left behind when their process
+    was killed (a killed run of a large log leaves gigabytes of spill files). Only this host's, and
+    only those whose process is gone: another machine's may be in use on a shared file system."""
+    prefix = _scratch_prefix()
+    for scratch in parent.glob(f"{prefix}*"):
+        pid = scratch.name[len(prefix) :].split("-", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def quoted(name: str) -> str:

@@ -226,3 +226,21 @@ def test_max_users_ranks_a_seeded_sample_and_says_so(tmp_path):
         UserInputError, match=r"^evaluation\.max_users: must be an integer >= 1 or null, got 0$"
     ):
         SequenceDataModule(name="s", format="synthetic", max_users=0)
+
+
+def test_a_killed_runs_scratch_is_removed_by_the_next_engine(tmp_path):
+    import socket
+    import subprocess
+
+    dead = subprocess.Popen(["true"])  # a pid that has exited
+    dead.wait()
+    host = socket.gethostname()
+    abandoned = tmp_path / f".ingest-{host}-{dead.pid}-abc"
+    live = tmp_path / f".ingest-{host}-{1}-def"  # pid 1 runs
+    elsewhere = tmp_path / f".ingest-another-host-{dead.pid}-ghi"
+    for scratch in (abandoned, live, elsewhere):
+        (scratch / "spill").mkdir(parents=True)
+    with Engine("1GB", scratch_parent=tmp_path) as engine:
+        assert engine.scalar("SELECT 42") == 42
+    assert not abandoned.exists() and live.exists() and elsewhere.exists()
+    assert not engine.scratch.exists()
