@@ -182,7 +182,7 @@ def read_sequence_file(
     user_array = _ids_as_array(users)
     if item_array.dtype.kind in "US" and user_array.dtype.kind not in "US":
         # Integer users with non-integer items: the file is not in the id format we expect.
-        bad = next(i for i, tok in enumerate(tokens) if not _is_int(tok))
+        bad = next(i for i, tok in enumerate(tokens) if not _parses_as(tok, int))
         line = int(np.searchsorted(np.cumsum(lengths), bad, side="right"))
         raise UserInputError(
             f"{path}: malformed row for user {users[line]!r}: item {tokens[bad]!r} is not an integer id"
@@ -238,21 +238,14 @@ def _parallel_times(times_path: Path, path: Path, users: list[str], lengths: lis
         try:
             return np.asarray(values, dtype=np.float64)
         except ValueError:
-            bad = next(v for v in values if not _is_number(v))
+            bad = next(v for v in values if not _parses_as(v, float))
             raise UserInputError(f"{times_path}: time {bad!r} is not a number") from None
 
 
-def _is_number(token: str) -> bool:
+def _parses_as(token: str, kind: type) -> bool:
+    """Whether `kind(token)` (int, float) reads the token."""
     try:
-        float(token)
-    except ValueError:
-        return False
-    return True
-
-
-def _is_int(token: str) -> bool:
-    try:
-        int(token)
+        kind(token)
     except ValueError:
         return False
     return True
