@@ -70,7 +70,12 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     if cfg.exclude_events != "as_trained":  # e.g. all seen items instead of bought ones only
         run_cfg.data.exclude_events = None if cfg.exclude_events == "all" else cfg.exclude_events
 
-    datamodule = instantiate(run_cfg.data, seen_items=seen_items, max_users=cfg.evaluation.get("max_users"))
+    datamodule = instantiate(
+        run_cfg.data,
+        seen_items=seen_items,
+        max_users=cfg.evaluation.get("max_users"),
+        cold_items=cfg.evaluation.get("cold_items", "drop"),
+    )
     check_same_data(ckpt_path, checkpoint.get("data_fingerprint"), datamodule, run_cfg.data.path)
     datamodule.prepare_data()
     datamodule.setup("test")

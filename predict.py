@@ -80,6 +80,12 @@ def predict(cfg: DictConfig, out_dir: Path) -> dict:
         data_config.path = cfg.data_path
     data_config.cache_dir = cfg.paths.cache_dir
     datamodule = instantiate(data_config)
+    if datamodule.protocol_name != "leave_one_out" and cfg.split != "next":
+        # Its targets and candidates follow the cuts (and its cold items): evaluate.py's job.
+        raise UserInputError(
+            f"split: {cfg.split!r} of a run with data.split={datamodule.protocol_name!r} is evaluate.py's; "
+            "predict.py recommends split=next from every user's whole history"
+        )
     check_same_data(cfg.ckpt_path, recommender.model.data_fingerprint, datamodule, data_config.path)
     datamodule.setup()
     rows = recommender.recommend_users(

@@ -52,7 +52,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     precision = check_precision(cfg.trainer.precision, cfg.trainer.accelerator)
     check_trainer_options(cfg.trainer)  # a strategy or devices that are not there, before the data
     # Reading and preprocessing are deterministic by themselves.
-    datamodule = instantiate(cfg.data, seen_items=seen_items, max_users=cfg.evaluation.get("max_users"))
+    datamodule = instantiate(
+        cfg.data,
+        seen_items=seen_items,
+        max_users=cfg.evaluation.get("max_users"),
+        cold_items=cfg.evaluation.get("cold_items", "drop"),
+    )
     datamodule.prepare_data()
     datamodule.setup("fit")
     if resume is not None:

@@ -10,6 +10,7 @@ keys; a bad value is a `UserInputError` naming the key.
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import numpy as np
 import pytorch_lightning as pl
@@ -38,13 +39,19 @@ from recsys.data.features import time_gap_buckets
 from recsys.data.formats import Source
 from recsys.data.preprocess import PreprocessSettings, SequenceData
 from recsys.data.split import (
+    COLD_ITEMS,
+    PROTOCOLS,
     SPLITS,
+    TIME_UNITS,
     EventSplit,
     Split,
+    TimeCuts,
+    TimeSplit,
     check_event_keys,
     leave_out_seen_targets,
     protocol_text,
     target_codes,
+    time_cuts,
     training_item_counts,
 )
 from recsys.errors import UserInputError
@@ -93,6 +100,13 @@ class SequenceDataModule(pl.LightningDataModule):
         seen_items: str = "exclude",
         memory_limit: str | int | None = "auto",
         max_users: int | None = None,
+        split: str = "leave_one_out",
+        test_window: str | None = None,
+        test_start: str | None = None,
+        test_share: float | None = None,
+        val_window: str | None = None,
+        time_unit: str = "s",
+        cold_items: str = "drop",
     ):
         super().__init__()
         # Not a data key: train.py and evaluate.py pass evaluation.seen_items.
@@ -103,6 +117,19 @@ class SequenceDataModule(pl.LightningDataModule):
         ):
             raise UserInputError(f"evaluation.max_users: must be an integer >= 1 or null, got {max_users!r}")
         self.max_users = max_users
+        if split not in PROTOCOLS:
+            raise UserInputError(f"data.split: {split!r} is not one of {list(PROTOCOLS)}")
+        if time_unit not in TIME_UNITS:
+            raise UserInputError(f"data.time_unit: {time_unit!r} is not one of {list(TIME_UNITS)}")
+        if cold_items not in COLD_ITEMS:  # not a data key: evaluation.cold_items
+            raise UserInputError(f"evaluation.cold_items: {cold_items!r} is not one of {list(COLD_ITEMS)}")
+        self.protocol_name = split
+        self.time_keys = dict(
+            test_window=test_window, test_start=test_start, test_share=test_share, val_window=val_window
+        )
+        self.time_unit = time_unit
+        self.cold_items = cold_items
+        self._cold_item_mask: np.ndarray | None = None
         self.hide_target_item = hide_target_item
         self.width_multiple = _integer_at_least_one("width_multiple", width_multiple)
         self.device_batches = device_batches_setting(device_batches)
@@ -144,6 +171,7 @@ class SequenceDataModule(pl.LightningDataModule):
         self._gaps: np.ndarray | None = None
         self._evaluated: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._evaluation_counts: dict[str, dict[str, float]] = {}
+        self._misses: dict[str, np.ndarray] = {}
         self._repeat_targets: dict[str, np.ndarray] = {}
         self._source_fingerprint: str | None = None
         self._device_windows: tuple[torch.Tensor, np.ndarray] | None = None
@@ -178,17 +206,50 @@ class SequenceDataModule(pl.LightningDataModule):
         codes = target_codes(data, self.target_events, self.name)
         if self.exclude_events is not None:
             data.event_ids(self.exclude_events, "data.exclude_events")  # names checked now
-        split = EventSplit(data, codes)
+        if self.protocol_name == "time":
+            split = TimeSplit(data, codes, self._time_cuts(data))
+        else:
+            split = EventSplit(data, codes)
         if split.skipped_users:
+            kind = "" if self.target_events is None else "/".join(self.target_events) + " "
+            where = "in the test window" if self.protocol_name == "time" else ""
             log.info(
-                "data %s: skipped %d users with no %s event (nothing to predict for them)",
+                "data %s: skipped %d users with no %sevent %s(nothing to predict for them)",
                 self.name,
                 split.skipped_users,
-                "/".join(self.target_events),
+                kind,
+                where + " " if where else "",
             )
         if data.has_events:
             self._gaps = time_gap_buckets(data.offsets, data.timestamps)
         self.split = split
+
+    def _time_cuts(self, data: SequenceData) -> TimeCuts:
+        if not data.has_time:
+            raise UserInputError(
+                f"data.split: 'time' needs the events' times, and data {self.name} has none (a sequence "
+                "file's positions are not times; see data.times_path or data.columns.timestamp)"
+            )
+        cuts = time_cuts(data.timestamps, self._seconds_per_unit(data), **self.time_keys)
+        log.info("data %s: time split, %s", self.name, cuts.describe(self._seconds_per_unit(data)))
+        return cuts
+
+    def _seconds_per_unit(self, data: SequenceData) -> float:
+        # Parsed date-times are ns whatever data.time_unit says; numbers are in data.time_unit.
+        return TIME_UNITS[data.time_unit or self.time_unit]
+
+    def cold_item_mask(self) -> np.ndarray | None:
+        """(num_items + 1,) bool under data.split=time: the items with no event in the training
+        part (before the validation cut), which an id-only model cannot recommend; None under
+        leave-one-out."""
+        self.setup()
+        if self.protocol_name != "time":
+            return None
+        if self._cold_item_mask is None:
+            trained = training_item_counts(self.data, _every_event(self.split)) > 0
+            trained[0] = True  # padding is not an item
+            self._cold_item_mask = ~trained
+        return self._cold_item_mask
 
     @property
     def num_event_types(self) -> int:
@@ -312,7 +373,16 @@ class SequenceDataModule(pl.LightningDataModule):
 
     def protocol(self) -> str:
         """The evaluation protocol in words, for metrics.json."""
-        return protocol_text(self.target_events, self.exclude_events, self.seen_items)
+        time_split = None
+        if isinstance(self.split, TimeSplit):
+            cold = {
+                "drop": "targets without a training event left out",
+                "keep": "targets without a training event counted as misses",
+            }
+            time_split = (
+                f"{self.split.cuts.describe(self._seconds_per_unit(self.data))}; {cold[self.cold_items]}"
+            )
+        return protocol_text(self.target_events, self.exclude_events, self.seen_items, time_split)
 
     def _exclude_codes(self) -> list[int] | None:
         """Event type ids whose items count as seen (None: every event's)."""
@@ -355,6 +425,17 @@ class SequenceDataModule(pl.LightningDataModule):
         users, positions, self._evaluation_counts[split] = leave_out_seen_targets(
             users, positions, repeat, self.seen_items, split, self.name
         )
+        cold = self.cold_item_mask()
+        if cold is not None:
+            counts = self._evaluation_counts[split]
+            counts[f"{split}/cold_users"] = self.split.cold_users(split)
+            is_cold = cold[self.data.items[positions]]
+            counts[f"{split}/cold_targets"] = int(is_cold.sum())
+            if self.cold_items == "drop":
+                users, positions = users[~is_cold], positions[~is_cold]
+                counts[f"{split}/users"] = len(users)
+            self._misses[split] = np.zeros(self.data.num_users, dtype=bool)
+            self._misses[split][users] = cold[self.data.items[positions]]
         if self.max_users is not None and len(users) > self.max_users:
             # A seeded sample, the same for every model evaluated with this seed (paired tests).
             rng = np.random.default_rng([self.seed, 2, SPLITS.index(split)])
@@ -421,6 +502,8 @@ class SequenceDataModule(pl.LightningDataModule):
             self.hide_target_item,
             width_multiple=self.width_multiple,
             exclude_seen=self.seen_items != "keep",
+            not_candidates=None if self.cold_item_mask() is None else np.flatnonzero(self.cold_item_mask()),
+            misses=self._misses[split][users] if split in self._misses else None,
         )
         sampler = LengthBucketBatchSampler(
             np.zeros(len(users)), self.eval_batch_size, shuffle=False, bucketing=False
@@ -436,6 +519,11 @@ class SequenceDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         # Every user; evaluate.py sets test_split = "val" to test a checkpoint on the validation targets.
         return self.eval_dataloader(self.test_split, all_users=True)
+
+
+def _every_event(split: Split) -> SimpleNamespace:
+    """`split`'s training part with every event counted, whatever the target types."""
+    return SimpleNamespace(train_end=split.train_end, is_target=None)
 
 
 # --- checks of the constructor's config keys (each error names its key) --------------------------

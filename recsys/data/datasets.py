@@ -138,9 +138,15 @@ class EvalUsers(Dataset):
         hide_target_item: bool = False,
         width_multiple: int = 1,
         exclude_seen: bool = True,
+        not_candidates: np.ndarray | None = None,
+        misses: np.ndarray | None = None,
     ):
         self.data = data
         self.exclude_seen = exclude_seen
+        # Items no user may be recommended (a time split's items without a training event), added
+        # to every row's exclusions; and per user, a target counted as a miss whatever its rank.
+        self.not_candidates = not_candidates
+        self.misses = misses
         self.hide_target_item = hide_target_item
         self.max_len = max_len
         self.width_multiple = width_multiple
@@ -200,12 +206,19 @@ class EvalUsers(Dataset):
             exclude = np.zeros((len(indices), 0), dtype=np.int64)
         elif self.exclude_codes is not None:
             exclude = np.where(np.isin(seen_features["events"], self.exclude_codes), seen, 0)
+        if self.not_candidates is not None and len(self.not_candidates):
+            exclude = np.concatenate(
+                [exclude, np.broadcast_to(self.not_candidates, (len(indices), len(self.not_candidates)))],
+                axis=1,
+            )
         batch = {
             "user": torch.from_numpy(self.users[indices]),
             "history": torch.from_numpy(history_of(seen)),
             "target": torch.from_numpy(target),
-            "exclude": torch.from_numpy(exclude),
+            "exclude": torch.from_numpy(np.ascontiguousarray(exclude)),
         }
+        if self.misses is not None:
+            batch["miss"] = torch.from_numpy(self.misses[indices])
         if data.has_events:
             batch["history_events"] = torch.from_numpy(history_of(seen_features["events"]))
             batch["target_event"] = torch.from_numpy(data.events[target_pos].astype(np.int64))

@@ -56,6 +56,7 @@ class Interactions:
     path: str  # the source, for messages
     locate: Callable[[int], str]  # a row -> where it is ("file:line", "part (row n)")
     has_time: bool = True  # False: the timestamp is the position in the file
+    time_unit: str | None = None  # "ns" for parsed date-times; None: numbers as the source has them
 
     def __len__(self) -> int:
         return int(self.engine.scalar(f"SELECT count(*) FROM {self.table}"))
@@ -445,6 +446,7 @@ def _parse_times(interactions: Interactions, name: str) -> None:
             f"{interactions.locate(bad[0])}: malformed row: column {name!r} is {bad[1]!r}, expected {expected}"
         )
     converted = "CAST(timestamp AS DOUBLE)" if numeric else "epoch_ns(CAST(timestamp AS TIMESTAMPTZ))"
+    interactions.time_unit = None if numeric else "ns"
     engine.execute(
         f"CREATE OR REPLACE TABLE {table} AS SELECT * REPLACE ({converted} AS timestamp) FROM {table}"
     )
@@ -487,6 +489,7 @@ def read_parquet(
                 f"{path}: missing column {name!r} (data.columns.{canonical}); the file has {available}"
             )
     selected = []
+    time_unit = None
     for canonical, name in mapping.items():
         kind, column = schema[name], quoted(name)
         if canonical in ("user", "item"):
@@ -498,6 +501,7 @@ def read_parquet(
                 selected.append(f"CAST({column} AS DOUBLE)")
             elif kind.startswith("TIMESTAMP") or kind == "DATE":
                 selected.append(f"epoch_ns(CAST({column} AS TIMESTAMPTZ))")
+                time_unit = "ns"
             else:
                 selected.append(f"CAST({column} AS VARCHAR)")
         elif canonical == "rating":
@@ -524,7 +528,9 @@ def read_parquet(
         part, within = row >> PART_SHIFT, row & ((1 << PART_SHIFT) - 1)
         return f"{parts[part]} (row {within})"
 
-    interactions = Interactions(engine, table, _canonical_order(mapping), str(path), locate)
+    interactions = Interactions(
+        engine, table, _canonical_order(mapping), str(path), locate, time_unit=time_unit
+    )
     if "rating" in mapping:  # a value that is not a number became null: name it
         bad = engine.scalar(f"SELECT min(row) FROM {table} WHERE rating IS NULL")
         if bad is not None:

@@ -96,6 +96,9 @@ class SequenceData:
     # position in the file); `has_time` says which.
     timestamps: np.ndarray | None = None
     has_time: bool = False
+    # The unit of `timestamps` when the source says it (parsed date-times: "ns"); None: numbers in
+    # the unit data.time_unit declares.
+    time_unit: str | None = None
 
     @property
     def has_events(self) -> bool:
@@ -138,7 +141,12 @@ class SequenceData:
             (tmp / "meta.json").write_text(json.dumps(self._meta()))
 
     def _meta(self) -> dict[str, Any]:
-        return {"fingerprint": self.fingerprint, "stats": self.stats, "has_time": self.has_time}
+        return {
+            "fingerprint": self.fingerprint,
+            "stats": self.stats,
+            "has_time": self.has_time,
+            "time_unit": self.time_unit,
+        }
 
     @classmethod
     def load(cls, path: Path) -> SequenceData:
@@ -149,7 +157,13 @@ class SequenceData:
         for name in ARRAYS:
             file = path / f"{name}.npy"
             arrays[name] = _map_npy(str(file)) if file.exists() else None
-        return cls(**arrays, fingerprint=meta["fingerprint"], stats=meta["stats"], has_time=meta["has_time"])
+        return cls(
+            **arrays,
+            fingerprint=meta["fingerprint"],
+            stats=meta["stats"],
+            has_time=meta["has_time"],
+            time_unit=meta.get("time_unit"),
+        )
 
 
 @dataclass(frozen=True)
@@ -314,6 +328,7 @@ def preprocess(
         else np.asarray(["", *settings.event_types], dtype=str),
         timestamps=np.empty(0, dtype=time_type),
         has_time=interactions.has_time,
+        time_unit=interactions.time_unit,
     )
     # lexsort's order before: by user, then time, ties in file order.
     code = ", w.code" if settings.event_types is not None else ""

@@ -25,9 +25,11 @@ customers buy what they viewed).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+import pandas as pd
 
 from recsys.data.preprocess import SequenceData
 from recsys.errors import UserInputError
@@ -93,6 +95,152 @@ class EventSplit:
         return users, positions[users]
 
 
+# data.split: the protocols.
+PROTOCOLS = ("leave_one_out", "time")
+# evaluation.cold_items (data.split=time): a target item without a training event is left out with
+# its user (drop) or kept and counted as a miss (keep); either way counted in metrics.json.
+COLD_ITEMS = ("drop", "keep")
+# Seconds per unit of data.time_unit (a numeric time column's unit; parsed date-times are ns).
+TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
+
+
+@dataclass(frozen=True)
+class TimeCuts:
+    """Where a time split cuts, in the data's time unit: validation targets come from
+    [val_cut, test_cut), test targets from [test_cut, end]; training uses what is before val_cut."""
+
+    val_cut: float
+    test_cut: float
+
+    def describe(self, seconds_per_unit: float) -> str:
+        def day(cut: float) -> str:
+            return pd.Timestamp(cut * seconds_per_unit, unit="s", tz="UTC").isoformat()
+
+        return f"validation from {day(self.val_cut)}, test from {day(self.test_cut)}"
+
+
+def time_cuts(
+    timestamps: np.ndarray,
+    seconds_per_unit: float,
+    test_window: str | None,
+    test_start: str | None,
+    test_share: float | None,
+    val_window: str | None,
+) -> TimeCuts:
+    """The cuts of data.split=time from its keys (exactly one of data.test_window, test_start,
+    test_share; data.val_window defaults to the test window's length), checked against the data:
+    each part must hold events."""
+    given = [
+        k
+        for k, v in (("test_window", test_window), ("test_start", test_start), ("test_share", test_share))
+        if v is not None
+    ]
+    if len(given) != 1:
+        raise UserInputError(
+            f"data.split: 'time' needs exactly one of data.test_window, data.test_start, data.test_share; got {given or 'none'}"
+        )
+    first, last = float(timestamps.min()), float(timestamps.max())
+    if test_window is not None:
+        test_cut = last - _duration(test_window, "data.test_window", seconds_per_unit)
+    elif test_start is not None:
+        test_cut = _instant(test_start, "data.test_start", seconds_per_unit)
+    else:
+        if isinstance(test_share, bool) or not 0 < float(test_share) < 1:
+            raise UserInputError(f"data.test_share: must be a number between 0 and 1, got {test_share!r}")
+        test_cut = float(np.quantile(timestamps, 1 - float(test_share), method="higher"))
+    if val_window is not None:
+        val_cut = test_cut - _duration(val_window, "data.val_window", seconds_per_unit)
+    elif test_window is not None:  # a validation window as long as the test window
+        val_cut = test_cut - (last - test_cut)
+    elif test_share is not None:  # the same share of events before the test window
+        val_cut = float(np.quantile(timestamps, 1 - 2 * float(test_share), method="higher"))
+    else:
+        raise UserInputError(
+            "data.val_window: required with data.test_start (how long before it validation starts)"
+        )
+    key = given[0]
+    if test_cut > last:
+        raise UserInputError(
+            f"data.{key}: the test window starts after the data's last event; no test events"
+        )
+    if val_cut <= first:
+        raise UserInputError(
+            f"data.{key}: the validation and test windows cover the whole data (from its first event); "
+            "no training events (shorten the windows)"
+        )
+    if val_cut >= test_cut:
+        raise UserInputError("data.val_window: must be longer than 0")
+    return TimeCuts(val_cut, test_cut)
+
+
+def _duration(value: str, key: str, seconds_per_unit: float) -> float:
+    try:
+        seconds = pd.Timedelta(str(value)).total_seconds()
+    except ValueError:
+        raise UserInputError(f"{key}: {value!r} is not a duration such as '7D', '30D' or '12h'") from None
+    if seconds <= 0:
+        raise UserInputError(f"{key}: must be longer than 0, got {value!r}")
+    return seconds / seconds_per_unit
+
+
+def _instant(value: str, key: str, seconds_per_unit: float) -> float:
+    try:
+        moment = pd.Timestamp(str(value))
+    except ValueError:
+        raise UserInputError(f"{key}: {value!r} is not a date such as '2014-06-01'") from None
+    moment = moment.tz_localize("UTC") if moment.tzinfo is None else moment.tz_convert("UTC")
+    return moment.timestamp() / seconds_per_unit
+
+
+class TimeSplit:
+    """A global time split (data.split=time): every user's validation target is their first event
+    (of a target type) in [val_cut, test_cut), the test target their first in [test_cut, end];
+    training uses each user's events before val_cut, and nothing after it (ties at a cut go to
+    the later window). A target needs an event before it (a user who did nothing before is cold:
+    counted, not evaluated)."""
+
+    def __init__(self, data: SequenceData, target_codes: list[int] | None, cuts: TimeCuts):
+        self.cuts = cuts
+        starts, ends = data.offsets[:-1], data.offsets[1:]
+        self.starts = starts
+        self.is_target = None if target_codes is None else np.isin(data.events, target_codes)
+        self.train_end = starts + _count_before(data, cuts.val_cut)
+        test_start = starts + _count_before(data, cuts.test_cut)
+        self.val_pos = self._first_target(self.train_end, test_start)
+        self.test_pos = self._first_target(test_start, ends)
+        self.skipped_users = int((self.test_pos < 0).sum())
+
+    def _first_target(self, begin: np.ndarray, end: np.ndarray) -> np.ndarray:
+        """Each user's first position in [begin, end) of a target type; -1 where none."""
+        if self.is_target is None:
+            return np.where(begin < end, begin, -1)
+        targets = np.flatnonzero(self.is_target)
+        index = np.searchsorted(targets, begin)
+        found = np.where(index < len(targets), targets[np.minimum(index, len(targets) - 1)], -1)
+        return np.where((found >= 0) & (found < end), found, -1)
+
+    def targets(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """(users, target positions) of the users evaluable on `split`, users ascending."""
+        positions = self.val_pos if split == "val" else self.test_pos
+        users = np.flatnonzero(positions > self.starts)
+        return users, positions[users]
+
+    def cold_users(self, split: str) -> int:
+        """Users with a `split` target but no event before it: nothing to rank from."""
+        positions = self.val_pos if split == "val" else self.test_pos
+        return int(((positions >= 0) & (positions == self.starts)).sum())
+
+
+def _count_before(data: SequenceData, cut: float, chunk: int = 1 << 24) -> np.ndarray:
+    """(num_users,) how many of each user's events are before `cut` (times ascend within a user)."""
+    before = np.zeros(data.num_users, dtype=np.int64)
+    for begin in range(0, len(data.timestamps), chunk):
+        early = np.flatnonzero(np.asarray(data.timestamps[begin : begin + chunk]) < cut) + begin
+        owners = np.searchsorted(data.offsets[1:], early, side="right")
+        before += np.bincount(owners, minlength=data.num_users)
+    return before
+
+
 def check_event_keys(event_types, keep_events, target_events, exclude_events) -> None:
     """The data keys that choose targets and seen items by event type, checked against the others
     (PreprocessSettings checks event_types, event_map and keep_events themselves)."""
@@ -122,12 +270,23 @@ def target_codes(data: SequenceData, target_events: list[str] | None, name: str)
     return codes
 
 
-def protocol_text(target_events: list[str] | None, exclude_events: list[str] | None, seen_items: str) -> str:
-    """The evaluation protocol in words, for metrics.json."""
-    if target_events is None:
+def protocol_text(
+    target_events: list[str] | None,
+    exclude_events: list[str] | None,
+    seen_items: str,
+    time_split: str | None = None,
+) -> str:
+    """The evaluation protocol in words, for metrics.json (`time_split`: where a time split cuts
+    and what it does with cold items; None: leave-one-out)."""
+    kind = "" if target_events is None else f"{'/'.join(target_events)} "
+    if time_split is not None:
+        target = (
+            f"time split ({time_split}), the first {kind}event in the window from the full history before it"
+        )
+    elif target_events is None:
         target = "leave-one-out"
     else:
-        target = f"next {'/'.join(target_events)} event from the full history before it"
+        target = f"next {kind}event from the full history before it"
     if exclude_events is None:
         seen = "seen items"
     elif not exclude_events:

@@ -275,8 +275,19 @@ class SequentialRecommender(pl.LightningModule):
     def _rank(
         self, batch: dict[str, torch.Tensor], k: int | None
     ) -> tuple[torch.Tensor, torch.Tensor | None, Callable[[torch.Tensor], torch.Tensor]]:
-        """The targets' ranks, the top-k items (None when k is None) and a function giving the
-        scores (B, n) of given items (B, n), from one pass of the network over the histories."""
+        """The targets' ranks (a target the batch marks as a `miss`, e.g. an item no training
+        event has, ranked after every item), the top-k items (None when k is None) and a
+        function giving the scores (B, n) of given items (B, n)."""
+        ranks, top, scores_of = self._rank_targets(batch, k)
+        if "miss" in batch:
+            ranks = torch.where(batch["miss"].to(ranks.device), self.num_items + 1, ranks)
+        return ranks, top, scores_of
+
+    def _rank_targets(
+        self, batch: dict[str, torch.Tensor], k: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, Callable[[torch.Tensor], torch.Tensor]]:
+        """The targets' ranks, the top-k items and the scores function, from one pass of the
+        network over the histories."""
         target, exclude = batch["target"], batch["exclude"]
         network = self.network
         if network.scores_by_dot_product:
