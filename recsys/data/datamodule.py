@@ -48,6 +48,7 @@ from recsys.data.split import (
     TimeCuts,
     TimeSplit,
     check_event_keys,
+    count_before,
     leave_out_seen_targets,
     protocol_text,
     target_codes,
@@ -237,6 +238,20 @@ class SequenceDataModule(pl.LightningDataModule):
     def _seconds_per_unit(self, data: SequenceData) -> float:
         # Parsed date-times are ns whatever data.time_unit says; numbers are in data.time_unit.
         return TIME_UNITS[data.time_unit or self.time_unit]
+
+    def recent_item_counts(self, days: float) -> torch.Tensor:
+        """Like `train_item_counts`, but only the training events of the last `days` days before a
+        time split's validation cut (model.window_days of the popularity baseline)."""
+        self.setup()
+        if not isinstance(self.split, TimeSplit):
+            raise UserInputError("model.window_days: needs data.split=time (days before its validation cut)")
+        cut = self.split.cuts.val_cut - days * 86400 / self._seconds_per_unit(self.data)
+        # The training part's counts less those of the events before the recency cut.
+        before = SimpleNamespace(
+            train_end=self.split.starts + count_before(self.data, cut), is_target=self.split.is_target
+        )
+        counts = training_item_counts(self.data, self.split) - training_item_counts(self.data, before)
+        return torch.from_numpy(counts)
 
     def cold_item_mask(self) -> np.ndarray | None:
         """(num_items + 1,) bool under data.split=time: the items with no event in the training

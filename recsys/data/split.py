@@ -204,8 +204,8 @@ class TimeSplit:
         starts, ends = data.offsets[:-1], data.offsets[1:]
         self.starts = starts
         self.is_target = None if target_codes is None else np.isin(data.events, target_codes)
-        self.train_end = starts + _count_before(data, cuts.val_cut)
-        test_start = starts + _count_before(data, cuts.test_cut)
+        self.train_end = starts + count_before(data, cuts.val_cut)
+        test_start = starts + count_before(data, cuts.test_cut)
         self.val_pos = self._first_target(self.train_end, test_start)
         self.test_pos = self._first_target(test_start, ends)
         self.skipped_users = int((self.test_pos < 0).sum())
@@ -231,7 +231,7 @@ class TimeSplit:
         return int(((positions >= 0) & (positions == self.starts)).sum())
 
 
-def _count_before(data: SequenceData, cut: float, chunk: int = 1 << 24) -> np.ndarray:
+def count_before(data: SequenceData, cut: float, chunk: int = 1 << 24) -> np.ndarray:
     """(num_users,) how many of each user's events are before `cut` (times ascend within a user)."""
     before = np.zeros(data.num_users, dtype=np.int64)
     for begin in range(0, len(data.timestamps), chunk):

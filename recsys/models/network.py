@@ -17,7 +17,7 @@ evaluation hands them over and serving refuses it) and `max_len` (the history le
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -34,6 +34,7 @@ class DataInfo:
     num_event_types: event types of event-typed data, ids 1..num_event_types (0: none).
     train_item_counts: (num_items + 1,) interactions of each item in the training part.
     item_ids: (num_items + 1,) original id of each index (entry 0 for padding), for serving.
+    recent_item_counts: under data.split=time, the training counts of the last N days only.
     fingerprint: the data's cache fingerprint; evaluate.py refuses a checkpoint of other data.
     """
 
@@ -41,6 +42,9 @@ class DataInfo:
     num_event_types: int = 0
     train_item_counts: torch.Tensor | None = None
     item_ids: np.ndarray | None = field(default=None, repr=False)
+    # Under a time split: days -> (num_items + 1,) training item counts of the last `days` before
+    # the validation cut (a recency popularity); None where the data has no such cut.
+    recent_item_counts: Callable[[float], torch.Tensor] | None = field(default=None, repr=False)
     fingerprint: str = ""
 
 

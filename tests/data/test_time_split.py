@@ -10,6 +10,7 @@ import torch
 from recsys.data import SequenceDataModule
 from recsys.data.split import TimeSplit
 from recsys.errors import UserInputError
+from recsys.models.from_config import data_info
 from recsys.models.network import DataInfo
 from recsys.models.popular import MostPopular
 from tests.builders import module
@@ -138,6 +139,7 @@ def test_a_run_with_a_time_split_writes_its_protocol(tmp_path):
         "data.min_user_interactions=0",  # the protocol's pairs below assume no k-core
         "data.min_item_interactions=0",
         "model=popular",
+        "model.window_days=14",  # recency popularity: the pairs below do not depend on the model
         "loss=none",
         "logger=csv",
         "trainer.max_epochs=1",
@@ -200,3 +202,25 @@ def test_test_share_and_test_start_cut_where_they_say(tmp_path):
     cut = pd.Timestamp("2024-01-05", tz="UTC").timestamp()
     assert (by_date.split.cuts.test_cut, by_date.split.cuts.val_cut) == (cut, cut - 10 * DAY)
     assert torch.is_tensor(by_date.train_item_counts())
+
+
+def test_recency_popularity_counts_the_last_days_before_the_validation_cut(tmp_path):
+    raw = write_log(tmp_path / "log.csv")
+    dm = datamodule(tmp_path / "log.csv")
+    dm.setup()
+    val_cut = dm.split.cuts.val_cut
+    kept = raw[raw.groupby("user")["item"].transform("size") >= 3]
+    recent = kept[(kept["ts"] >= val_cut - 10 * DAY) & (kept["ts"] < val_cut)]
+    expected = recent["item"].value_counts()
+    counts = dm.recent_item_counts(10)
+    got = {int(dm.data.item_ids[i]): int(c) for i, c in enumerate(counts.tolist()) if i and c}
+    assert got == expected.to_dict() and sum(got.values()) < int(dm.train_item_counts().sum())
+    info = data_info(dm)
+    model = MostPopular(info, window_days=10)
+    assert model.item_counts[1:].tolist() == counts[1:].float().tolist()
+    with pytest.raises(UserInputError, match=r"^model\.window_days: must be a number of days > 0"):
+        MostPopular(info, window_days=0)
+    loo = SequenceDataModule(name="s", format="synthetic", cache_dir=None)
+    loo.setup()
+    with pytest.raises(UserInputError, match=r"^model\.window_days: counts the days before a time split's"):
+        MostPopular(data_info(loo), window_days=7)
