@@ -1,17 +1,21 @@
 """The evaluation protocol: which event of each user is predicted on validation and test, and where
 their training part ends.
 
-Leave-one-out (`EventSplit`, the protocol of every data config today): a user's last event is the
+Leave-one-out (`EventSplit`, the default, `data.split=leave_one_out`): a user's last event is the
 test target, the one before it the validation target, and everything before that is training
 history. With event types and `data.target_events` (browse vs buy) the split follows those types: a
 user's test target is their last event of a target type and the validation target the one before
 it; the history is the full mixed sequence before each, and training batches carry `target_mask`,
 true where the next event is of a target type, so that only those positions enter the loss.
 
+A time split (`TimeSplit`, `data.split=time`): two global cuts in time (`time_cuts`); a user's
+validation target is their first event (of a target type) in [validation cut, test cut), the test
+target their first at or after the test cut, and training uses only the events before the validation
+cut. See docs/protocol.md.
+
 A split is anything with the attributes of `Split` (positions index the data's CSR arrays). The data
-module, the results and the recommender read only these, so a second protocol (a global time split:
-the targets are the events after a cut-off time) can sit beside `EventSplit` as another class that
-fills them in, and `protocol_text` says in words which one was used (for metrics.json).
+module and the results read only these; `protocol_text` says in words which one was used (for
+metrics.json).
 
 Seen items (`evaluation.seen_items`, see recsys/evaluation/metrics.py): `exclude` removes them from the
 ranking and leaves out of the split each user whose target is one of them (counted:
