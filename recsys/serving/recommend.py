@@ -137,6 +137,8 @@ class Recommender:
             train_item_counts=counts,
             item_ids=item_ids,
             fingerprint=str(checkpoint.get("data_fingerprint", "")),
+            # A recency popularity's counts are in the checkpoint's state, loaded below.
+            recent_item_counts=lambda days: torch.zeros(int(checkpoint["num_items"]) + 1),
         )
         model = build_model(cfg, data, evaluation={})
         if model.network.reads_events:

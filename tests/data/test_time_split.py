@@ -14,6 +14,7 @@ from recsys.models.from_config import data_info
 from recsys.models.network import DataInfo
 from recsys.models.popular import MostPopular
 from tests.builders import module
+from tests.checks import Untouched, assert_user_error
 from tests.test_entrypoints import common, run
 
 DAY = 86400
@@ -153,6 +154,25 @@ def test_a_run_with_a_time_split_writes_its_protocol(tmp_path):
         "time split (validation from 2023-12-29T22:13:20+00:00, test from 2024-01-05"
     )
     assert metrics["test/cold_targets"] >= 1 and "test/cold_users" in metrics
+    # Served from the checkpoint: recommendations from whole histories; the split's queries are
+    # evaluate.py's.
+    checkpoint = f"ckpt_path={run_dir / 'checkpoints' / 'best.ckpt'}"
+    run(
+        "predict.py", checkpoint, "split=next", "k=3", f"hydra.run.dir={tmp_path / 'next'}", *common(tmp_path)
+    )
+    assert len(pd.read_parquet(tmp_path / "next" / "recommendations.parquet")) > 0
+    untouched = Untouched(tmp_path / "test")
+    refused = run(
+        "predict.py",
+        checkpoint,
+        "split=test",
+        f"hydra.run.dir={tmp_path / 'test'}",
+        *common(tmp_path),
+        check=False,
+    )
+    assert_user_error(
+        refused, "error: split: 'test' of a run with data.split='time' is evaluate.py's", untouched
+    )
 
 
 def test_bad_time_split_settings_are_one_line_errors(tmp_path, write_file):
