@@ -15,6 +15,7 @@ from recsys.models.network import DataInfo
 from recsys.models.popular import MostPopular
 from tests.builders import module
 from tests.checks import Untouched, assert_user_error
+from tests.test_ddp import _fake_trainer
 from tests.test_entrypoints import common, run
 
 DAY = 86400
@@ -244,3 +245,21 @@ def test_recency_popularity_counts_the_last_days_before_the_validation_cut(tmp_p
     loo.setup()
     with pytest.raises(UserInputError, match=r"^model\.window_days: counts the days before a time split's"):
         MostPopular(data_info(loo), window_days=7)
+
+
+def test_two_processes_get_the_one_process_batches_with_their_misses(tmp_path):
+    write_log(tmp_path / "log.csv")
+    dm = datamodule(tmp_path / "log.csv", cold_items="keep", eval_batch_size=8)
+
+    def batches():
+        return [
+            (b["user"].tolist(), b["miss"].tolist(), b["exclude"].tolist())
+            for b in dm.eval_dataloader("test")
+            if len(b["user"])
+        ]
+
+    alone = batches()
+    assert len(alone) > 2 and any(any(miss) for _, miss, _ in alone)
+    for rank in (0, 1):
+        dm.trainer = _fake_trainer(rank, 2)
+        assert batches() == alone[rank::2]
