@@ -5,7 +5,8 @@ A data config names its source with `data.format`, `data.path` and the options s
 (`data.columns`, `data.sep`, `data.synthetic`, `data.test_path`, `data.times_path`); together they
 are a `Source`.
 `FORMATS` maps each format name to a `DataFormat`: the function that reads a source into the
-canonical interactions table in the engine (recsys/data/loaders.py), the source options that change what it reads
+canonical interactions table in the engine (recsys/data/interactions.py; readers in loaders.py
+and tabular.py), the source options that change what it reads
 (they enter the fingerprint, beside the file's bytes), and whether it reads a file at all. Adding a
 format is one entry here (and its reader). `data.format: auto` picks one by the file name
 (`resolve_format`).
@@ -26,10 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from recsys.data import loaders
+from recsys.data import loaders, tabular
 from recsys.data.engine import Engine
-from recsys.data.loaders import Interactions
+from recsys.data.interactions import Interactions, check_readable, default_engine
 from recsys.data.synthetic import synthetic_interactions
+from recsys.data.tabular import is_parquet, parquet_parts
 from recsys.errors import UserInputError
 
 AUTO = "auto"
@@ -67,7 +69,7 @@ class DataFormat:
 def _read_interactions_file(source: Source, engine: Engine) -> Interactions:
     if not source.columns:
         raise UserInputError(f"data.columns: required to read {source.path} as an interactions file")
-    return loaders.read_interactions_file(source.path, source.columns, sep=source.sep, engine=engine)
+    return tabular.read_interactions_file(source.path, source.columns, sep=source.sep, engine=engine)
 
 
 def _generated(source: Source, engine: Engine) -> Interactions:
@@ -110,13 +112,13 @@ def resolve_format(data_format: str, path: str | None) -> str:
     if loaders.movielens_layout(path):
         return "movielens"
     suffixes = [s.lower() for s in Path(path).suffixes if s.lower() != ".gz"]
-    if loaders.is_parquet(path) or (suffixes and suffixes[-1] in (".csv", ".tsv")):
+    if is_parquet(path) or (suffixes and suffixes[-1] in (".csv", ".tsv")):
         return "interactions"
     return "sequence"
 
 
 def read_interactions(source: Source, engine: Engine | None = None) -> Interactions:
-    """The canonical interactions table of `source` in `engine` (see recsys/data/loaders.py)."""
+    """The canonical interactions table of `source` in `engine` (recsys/data/interactions.py)."""
     name = resolve_format(source.format, source.path)
     data_format = FORMATS[name]
     if data_format.reads_file:
@@ -128,7 +130,7 @@ def read_interactions(source: Source, engine: Engine | None = None) -> Interacti
                 raise UserInputError(
                     f"data.{key}: only data.format={'/'.join(readers)} reads one, not {name!r}"
                 )
-    return data_format.read(source, engine or loaders.default_engine())
+    return data_format.read(source, engine or default_engine())
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -137,7 +139,7 @@ def file_sha256(path: str | os.PathLike) -> str:
     path = Path(path)
     digest = hashlib.sha256()
     if path.is_dir():
-        for part in loaders.parquet_parts(path):
+        for part in parquet_parts(path):
             digest.update(f"{part.relative_to(path)}\0{file_sha256(part)}\0".encode())
         return digest.hexdigest()
     with open(path, "rb") as handle:
@@ -156,11 +158,9 @@ def describe(source: Source) -> dict[str, Any]:
     if data_format.reads_file:
         if source.path is None:
             raise UserInputError(f"data.path: required for data.format={name!r}")
-        described["sha256"] = file_sha256(
-            loaders.check_readable(source.path, directory_ok=name == "interactions")
-        )
+        described["sha256"] = file_sha256(check_readable(source.path, directory_ok=name == "interactions"))
     if source.test_path is not None:
-        described["test_sha256"] = file_sha256(loaders.check_readable(source.test_path))
+        described["test_sha256"] = file_sha256(check_readable(source.test_path))
     if source.times_path is not None:  # only when set: fingerprints without it stay as they were
-        described["times_sha256"] = file_sha256(loaders.check_readable(source.times_path))
+        described["times_sha256"] = file_sha256(check_readable(source.times_path))
     return described

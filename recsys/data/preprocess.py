@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from recsys.data.engine import Engine, literal
-from recsys.data.loaders import Interactions
+from recsys.data.interactions import Interactions
 from recsys.errors import UserInputError
 from recsys.runs.files import atomic_directory
 

@@ -44,7 +44,7 @@ The result depends only on the arguments (including `seed`) and the numpy versio
 random streams stable across releases for most, not all, methods), not on the platform or threads.
 
 `synthetic_interactions` is the `data.format: synthetic` reader: the same sequences as the canonical
-interactions table of recsys/data/loaders.py. Bad arguments raise `UserInputError` naming the config
+interactions table of recsys/data/interactions.py. Bad arguments raise `UserInputError` naming the config
 key `data.synthetic.<argument>` (the `format: synthetic` data configs pass these arguments from that
 key).
 """
