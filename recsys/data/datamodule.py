@@ -10,7 +10,6 @@ keys; a bad value is a `UserInputError` naming the key.
 from __future__ import annotations
 
 import logging
-from types import SimpleNamespace
 
 import numpy as np
 import pytorch_lightning as pl
@@ -49,6 +48,7 @@ from recsys.data.split import (
     TimeSplit,
     check_event_keys,
     count_before,
+    item_counts_between,
     leave_out_seen_targets,
     protocol_text,
     target_codes,
@@ -246,11 +246,8 @@ class SequenceDataModule(pl.LightningDataModule):
         if not isinstance(self.split, TimeSplit):
             raise UserInputError("model.window_days: needs data.split=time (days before its validation cut)")
         cut = self.split.cuts.val_cut - days * 86400 / self._seconds_per_unit(self.data)
-        # The training part's counts less those of the events before the recency cut.
-        before = SimpleNamespace(
-            train_end=self.split.starts + count_before(self.data, cut), is_target=self.split.is_target
-        )
-        counts = training_item_counts(self.data, self.split) - training_item_counts(self.data, before)
+        recent_start = self.split.starts + count_before(self.data, cut)
+        counts = item_counts_between(self.data, recent_start, self.split.train_end, self.split.is_target)
         return torch.from_numpy(counts)
 
     def cold_item_mask(self) -> np.ndarray | None:
@@ -261,7 +258,7 @@ class SequenceDataModule(pl.LightningDataModule):
         if self.protocol_name != "time":
             return None
         if self._cold_item_mask is None:
-            trained = training_item_counts(self.data, _every_event(self.split)) > 0
+            trained = training_item_counts(self.data, self.split.train_end) > 0  # events of every type
             trained[0] = True  # padding is not an item
             self._cold_item_mask = ~trained
         return self._cold_item_mask
@@ -305,7 +302,9 @@ class SequenceDataModule(pl.LightningDataModule):
         popularity is what is bought, not what is viewed)."""
         self.setup()
         if self._train_item_counts is None:  # asked for by the model, its loss and the results
-            self._train_item_counts = torch.from_numpy(training_item_counts(self.data, self.split))
+            self._train_item_counts = torch.from_numpy(
+                training_item_counts(self.data, self.split.train_end, self.split.is_target)
+            )
         return self._train_item_counts
 
     # --- loaders ---------------------------------------------------------------------------------
@@ -534,11 +533,6 @@ class SequenceDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         # Every user; evaluate.py sets test_split = "val" to test a checkpoint on the validation targets.
         return self.eval_dataloader(self.test_split, all_users=True)
-
-
-def _every_event(split: Split) -> SimpleNamespace:
-    """`split`'s training part with every event counted, whatever the target types."""
-    return SimpleNamespace(train_end=split.train_end, is_target=None)
 
 
 # --- checks of the constructor's config keys (each error names its key) --------------------------

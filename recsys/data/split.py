@@ -305,27 +305,37 @@ def protocol_text(
     return f"{target}, full ranking, {rule}, pessimistic ties"
 
 
-def training_item_counts(data: SequenceData, split: Split) -> np.ndarray:
-    """(num_items + 1,) int64: how often each item occurs in the training part of the histories
-    (with target types, only in events of those types); index = item id, 0 = padding.
+def training_item_counts(
+    data: SequenceData, train_end: np.ndarray, is_target: np.ndarray | None = None
+) -> np.ndarray:
+    """(num_items + 1,) int64: how often each item occurs in the training part of the histories,
+    each user's events before `train_end` (with `is_target`, only events of the target types);
+    index = item id, 0 = padding.
 
-    Counted as every event's item minus those of the held-out ends of the histories (from each
-    user's `train_end` on), in chunks of the event arrays: no per-event temporary the size of a
-    large log."""
+    Counted as every event's item minus those of the held-out ends of the histories, in chunks of
+    the event arrays: no per-event temporary the size of a large log."""
     size = data.num_items + 1
     counts = np.zeros(size, dtype=np.int64)
     for begin in range(0, len(data.items), _CHUNK_EVENTS):
         items = data.items[begin : begin + _CHUNK_EVENTS]
-        if split.is_target is not None:
-            items = items[split.is_target[begin : begin + _CHUNK_EVENTS]]
+        if is_target is not None:
+            items = items[is_target[begin : begin + _CHUNK_EVENTS]]
         counts += np.bincount(items, minlength=size)
-    held_out = data.offsets[1:] - split.train_end
-    first = np.repeat(split.train_end - (np.cumsum(held_out) - held_out), held_out)
-    positions = first + np.arange(int(held_out.sum()), dtype=np.int64)
-    if split.is_target is not None:
-        positions = positions[split.is_target[positions]]
-    counts -= np.bincount(data.items[positions], minlength=size)
-    return counts
+    return counts - item_counts_between(data, train_end, data.offsets[1:], is_target)
+
+
+def item_counts_between(
+    data: SequenceData, begin: np.ndarray, end: np.ndarray, is_target: np.ndarray | None = None
+) -> np.ndarray:
+    """(num_items + 1,) int64: how often each item occurs at each user's positions [begin, end)
+    (with `is_target`, only events of the target types). For short ranges: their positions are
+    held at once."""
+    lengths = np.maximum(end - begin, 0)
+    first = np.repeat(begin - (np.cumsum(lengths) - lengths), lengths)
+    positions = first + np.arange(int(lengths.sum()), dtype=np.int64)
+    if is_target is not None:
+        positions = positions[is_target[positions]]
+    return np.bincount(data.items[positions], minlength=data.num_items + 1).astype(np.int64)
 
 
 def leave_out_seen_targets(
