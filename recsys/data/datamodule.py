@@ -44,15 +44,14 @@ from recsys.data.split import (
     TIME_UNITS,
     EventSplit,
     Split,
-    TimeCuts,
     TimeSplit,
     check_event_keys,
-    count_before,
-    item_counts_between,
+    leave_out_cold_targets,
     leave_out_seen_targets,
     protocol_text,
+    sample_users,
     target_codes,
-    time_cuts,
+    time_split,
     training_item_counts,
 )
 from recsys.errors import UserInputError
@@ -130,7 +129,6 @@ class SequenceDataModule(pl.LightningDataModule):
         )
         self.time_unit = time_unit
         self.cold_items = cold_items
-        self._cold_item_mask: np.ndarray | None = None
         self.hide_target_item = hide_target_item
         self.width_multiple = _integer_at_least_one("width_multiple", width_multiple)
         self.device_batches = device_batches_setting(device_batches)
@@ -208,7 +206,8 @@ class SequenceDataModule(pl.LightningDataModule):
         if self.exclude_events is not None:
             data.event_ids(self.exclude_events, "data.exclude_events")  # names checked now
         if self.protocol_name == "time":
-            split = TimeSplit(data, codes, self._time_cuts(data))
+            split = time_split(data, codes, self.name, self.time_unit, **self.time_keys)
+            log.info("data %s: time split, %s", self.name, split.cuts.describe())
         else:
             split = EventSplit(data, codes)
         if split.skipped_users:
@@ -225,43 +224,19 @@ class SequenceDataModule(pl.LightningDataModule):
             self._gaps = time_gap_buckets(data.offsets, data.timestamps)
         self.split = split
 
-    def _time_cuts(self, data: SequenceData) -> TimeCuts:
-        if not data.has_time:
-            raise UserInputError(
-                f"data.split: 'time' needs the events' times, and data {self.name} has none (a sequence "
-                "file's positions are not times; see data.times_path or data.columns.timestamp)"
-            )
-        cuts = time_cuts(data.timestamps, self._seconds_per_unit(data), **self.time_keys)
-        log.info("data %s: time split, %s", self.name, cuts.describe(self._seconds_per_unit(data)))
-        return cuts
-
-    def _seconds_per_unit(self, data: SequenceData) -> float:
-        # Parsed date-times are ns whatever data.time_unit says; numbers are in data.time_unit.
-        return TIME_UNITS[data.time_unit or self.time_unit]
-
     def recent_item_counts(self, days: float) -> torch.Tensor:
         """Like `train_item_counts`, but only the training events of the last `days` days before a
         time split's validation cut (model.window_days of the popularity baseline)."""
         self.setup()
         if not isinstance(self.split, TimeSplit):
             raise UserInputError("model.window_days: needs data.split=time (days before its validation cut)")
-        cut = self.split.cuts.val_cut - days * 86400 / self._seconds_per_unit(self.data)
-        recent_start = self.split.starts + count_before(self.data, cut)
-        counts = item_counts_between(self.data, recent_start, self.split.train_end, self.split.is_target)
-        return torch.from_numpy(counts)
+        return torch.from_numpy(self.split.recent_item_counts(self.data, days))
 
     def cold_item_mask(self) -> np.ndarray | None:
         """(num_items + 1,) bool under data.split=time: the items with no event in the training
-        part (before the validation cut), which an id-only model cannot recommend; None under
-        leave-one-out."""
+        part, which an id-only model cannot recommend; None under leave-one-out."""
         self.setup()
-        if self.protocol_name != "time":
-            return None
-        if self._cold_item_mask is None:
-            trained = training_item_counts(self.data, self.split.train_end) > 0  # events of every type
-            trained[0] = True  # padding is not an item
-            self._cold_item_mask = ~trained
-        return self._cold_item_mask
+        return self.split.cold_items(self.data) if isinstance(self.split, TimeSplit) else None
 
     @property
     def num_event_types(self) -> int:
@@ -393,9 +368,7 @@ class SequenceDataModule(pl.LightningDataModule):
                 "drop": "targets without a training event left out",
                 "keep": "targets without a training event counted as misses",
             }
-            time_split = (
-                f"{self.split.cuts.describe(self._seconds_per_unit(self.data))}; {cold[self.cold_items]}"
-            )
+            time_split = f"{self.split.cuts.describe()}; {cold[self.cold_items]}"
         return protocol_text(self.target_events, self.exclude_events, self.seen_items, time_split)
 
     def _exclude_codes(self) -> list[int] | None:
@@ -439,33 +412,19 @@ class SequenceDataModule(pl.LightningDataModule):
         users, positions, self._evaluation_counts[split] = leave_out_seen_targets(
             users, positions, repeat, self.seen_items, split, self.name
         )
+        counts = self._evaluation_counts[split]
         cold = self.cold_item_mask()
         if cold is not None:
-            counts = self._evaluation_counts[split]
-            counts[f"{split}/cold_users"] = self.split.cold_users(split)
             is_cold = cold[self.data.items[positions]]
-            counts[f"{split}/cold_targets"] = int(is_cold.sum())
-            if self.cold_items == "drop":
-                users, positions = users[~is_cold], positions[~is_cold]
-                counts[f"{split}/users"] = len(users)
+            users, positions, misses = leave_out_cold_targets(
+                users, positions, is_cold, self.cold_items, split, counts
+            )
+            counts[f"{split}/cold_users"] = self.split.cold_users(split)
             self._misses[split] = np.zeros(self.data.num_users, dtype=bool)
-            self._misses[split][users] = cold[self.data.items[positions]]
+            self._misses[split][users] = misses
         if self.max_users is not None and len(users) > self.max_users:
-            # A seeded sample, the same for every model evaluated with this seed (paired tests).
-            rng = np.random.default_rng([self.seed, 2, SPLITS.index(split)])
-            chosen = np.sort(rng.choice(len(users), self.max_users, replace=False))
-            users, positions = users[chosen], positions[chosen]
-            self._evaluation_counts[split][f"{split}/users_ranked"] = self.max_users
-            self._evaluation_counts[split][f"{split}/users_sample"] = (
-                f"seeded sample of {self.max_users} of {self._evaluation_counts[split][f'{split}/users']} "
-                f"users (evaluation.max_users, seed {self.seed})"
-            )
-            log.info(
-                "data %s: %s ranked on %s",
-                self.name,
-                self._evaluation_counts[split][f"{split}/users_sample"],
-                split,
-            )
+            users, positions = sample_users(users, positions, self.max_users, self.seed, split, counts)
+            log.info("data %s: %s ranked on %s", self.name, counts[f"{split}/users_sample"], split)
         self._evaluated[split] = (users, positions)
         return users, positions
 

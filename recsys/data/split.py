@@ -115,10 +115,11 @@ class TimeCuts:
 
     val_cut: float
     test_cut: float
+    seconds_per_unit: float = 1.0  # the data's time unit, in seconds
 
-    def describe(self, seconds_per_unit: float) -> str:
+    def describe(self) -> str:
         def day(cut: float) -> str:
-            return pd.Timestamp(cut * seconds_per_unit, unit="s", tz="UTC").isoformat()
+            return pd.Timestamp(cut * self.seconds_per_unit, unit="s", tz="UTC").isoformat()
 
         return f"validation from {day(self.val_cut)}, test from {day(self.test_cut)}"
 
@@ -174,7 +175,7 @@ def time_cuts(
         )
     if val_cut >= test_cut:
         raise UserInputError("data.val_window: must be longer than 0")
-    return TimeCuts(val_cut, test_cut)
+    return TimeCuts(val_cut, test_cut, seconds_per_unit)
 
 
 def _duration(value: str, key: str, seconds_per_unit: float) -> float:
@@ -196,6 +197,20 @@ def _instant(value: str, key: str, seconds_per_unit: float) -> float:
     return moment.timestamp() / seconds_per_unit
 
 
+def time_split(
+    data: SequenceData, target_codes: list[int] | None, name: str, time_unit: str, **keys
+) -> TimeSplit:
+    """The time split of data set `name` by the data.split=time keys (`time_cuts`); numeric times
+    are in `time_unit` (data.time_unit), parsed date-times in the unit the cache records."""
+    if not data.has_time:
+        raise UserInputError(
+            f"data.split: 'time' needs the events' times, and data {name} has none (a sequence "
+            "file's positions are not times; see data.times_path or data.columns.timestamp)"
+        )
+    cuts = time_cuts(data.timestamps, TIME_UNITS[data.time_unit or time_unit], **keys)
+    return TimeSplit(data, target_codes, cuts)
+
+
 class TimeSplit:
     """A global time split (data.split=time): every user's validation target is their first event
     (of a target type) in [val_cut, test_cut), the test target their first in [test_cut, end];
@@ -205,6 +220,7 @@ class TimeSplit:
 
     def __init__(self, data: SequenceData, target_codes: list[int] | None, cuts: TimeCuts):
         self.cuts = cuts
+        self._cold_items: np.ndarray | None = None
         starts, ends = data.offsets[:-1], data.offsets[1:]
         self.starts = starts
         self.is_target = None if target_codes is None else np.isin(data.events, target_codes)
@@ -228,6 +244,22 @@ class TimeSplit:
         positions = self.val_pos if split == "val" else self.test_pos
         users = np.flatnonzero(positions > self.starts)
         return users, positions[users]
+
+    def cold_items(self, data: SequenceData) -> np.ndarray:
+        """(num_items + 1,) bool: the items with no event (of any type) before the validation cut,
+        which an id-only model cannot recommend."""
+        if self._cold_items is None:
+            trained = training_item_counts(data, self.train_end) > 0
+            trained[0] = True  # padding is not an item
+            self._cold_items = ~trained
+        return self._cold_items
+
+    def recent_item_counts(self, data: SequenceData, days: float) -> np.ndarray:
+        """Like the training item counts (of the target types), but only of the last `days` days
+        before the validation cut."""
+        cut = self.cuts.val_cut - days * 86400 / self.cuts.seconds_per_unit
+        recent_start = self.starts + count_before(data, cut)
+        return item_counts_between(data, recent_start, self.train_end, self.is_target)
 
     def cold_users(self, split: str) -> int:
         """Users with a `split` target but no event before it: nothing to rank from."""
@@ -364,3 +396,30 @@ def leave_out_seen_targets(
         f"{split}/users_left_out": left_out,
     }
     return users, positions, counts
+
+
+def leave_out_cold_targets(
+    users: np.ndarray, positions: np.ndarray, is_cold: np.ndarray, cold_items: str, split: str, counts: dict
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Under a time split, the users whose target item has no training event (`is_cold`): left
+    out under evaluation.cold_items=drop, kept as misses under keep; counted in `counts`
+    (`<split>/cold_targets`; `<split>/users` is what remains). Returns (users, positions, miss)."""
+    counts[f"{split}/cold_targets"] = int(is_cold.sum())
+    if cold_items == "drop":
+        users, positions, is_cold = users[~is_cold], positions[~is_cold], is_cold[~is_cold]
+        counts[f"{split}/users"] = len(users)
+    return users, positions, is_cold
+
+
+def sample_users(
+    users: np.ndarray, positions: np.ndarray, max_users: int, seed: int, split: str, counts: dict
+) -> tuple[np.ndarray, np.ndarray]:
+    """evaluation.max_users: a seeded sample of the evaluated users, the same for every model
+    evaluated with this seed (so that paired tests hold), said in `counts`."""
+    rng = np.random.default_rng([seed, 2, SPLITS.index(split)])
+    chosen = np.sort(rng.choice(len(users), max_users, replace=False))
+    counts[f"{split}/users_ranked"] = max_users
+    counts[f"{split}/users_sample"] = (
+        f"seeded sample of {max_users} of {counts[f'{split}/users']} users (evaluation.max_users, seed {seed})"
+    )
+    return users[chosen], positions[chosen]
