@@ -19,7 +19,7 @@ import multiprocessing as mp
 import time
 from pathlib import Path
 
-from recsys.data.preprocess import SequenceData
+from recsys.data.sequences import SequenceData
 
 
 def smaps_rollup(pid: int) -> dict[str, float]:

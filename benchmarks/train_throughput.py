@@ -25,7 +25,7 @@ import torch
 from report import emit, peak_bf16_flops, peak_memory, reset_peak_memory, synchronize
 
 from recsys.data import SequenceDataModule
-from recsys.data.preprocess import SequenceData
+from recsys.data.sequences import SequenceData
 from recsys.data.synthetic import generate_sequences
 from recsys.losses import FullCrossEntropy
 from recsys.models.bert4rec import BERT4Rec

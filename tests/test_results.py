@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from recsys.data.preprocess import SequenceData
+from recsys.data.sequences import SequenceData
 from recsys.evaluation.results import per_user_frame, slice_metrics
 
 

@@ -1,4 +1,4 @@
 from recsys.data.datamodule import SequenceDataModule
-from recsys.data.preprocess import SequenceData
+from recsys.data.sequences import SequenceData
 
 __all__ = ["SequenceDataModule", "SequenceData"]

@@ -26,7 +26,8 @@ from typing import Any
 
 from recsys.data.engine import AUTO, Engine
 from recsys.data.formats import Source, describe, read_interactions
-from recsys.data.preprocess import PREPROCESS_VERSION, PreprocessSettings, SequenceData, preprocess
+from recsys.data.preprocess import PREPROCESS_VERSION, PreprocessSettings, preprocess
+from recsys.data.sequences import SequenceData
 
 log = logging.getLogger(__name__)
 

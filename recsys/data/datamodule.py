@@ -36,7 +36,8 @@ from recsys.data.datasets import (
 from recsys.data.engine import memory_limit_bytes
 from recsys.data.features import time_gap_buckets
 from recsys.data.formats import Source
-from recsys.data.preprocess import PreprocessSettings, SequenceData
+from recsys.data.preprocess import PreprocessSettings
+from recsys.data.sequences import SequenceData
 from recsys.data.split import (
     COLD_ITEMS,
     PROTOCOLS,

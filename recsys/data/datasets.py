@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from recsys.data.features import compacted_gap_buckets
-from recsys.data.preprocess import SequenceData
+from recsys.data.sequences import SequenceData
 from recsys.data.split import Split
 
 

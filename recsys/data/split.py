@@ -35,7 +35,7 @@ from typing import Protocol
 import numpy as np
 import pandas as pd
 
-from recsys.data.preprocess import SequenceData
+from recsys.data.sequences import SequenceData
 from recsys.errors import UserInputError
 
 log = logging.getLogger(__name__)

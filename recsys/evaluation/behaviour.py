@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from recsys.data.preprocess import SequenceData
+from recsys.data.sequences import SequenceData
 from recsys.data.split import EventSplit
 from recsys.errors import UserInputError
 from recsys.evaluation.results import HISTORY_LENGTH_EDGES, bucket_labels

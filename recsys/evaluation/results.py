@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from recsys.data.preprocess import SequenceData
+from recsys.data.sequences import SequenceData
 from recsys.evaluation.metrics import metrics_from_ranks
 from recsys.runs.files import atomic_path
 

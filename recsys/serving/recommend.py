@@ -30,7 +30,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from recsys.data.datasets import EvalUsers, gather_windows
-from recsys.data.preprocess import SequenceData
+from recsys.data.sequences import SequenceData
 from recsys.data.split import EventSplit
 from recsys.errors import UserInputError
 from recsys.evaluation.metrics import chunked_top_k, top_k_items

@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from recsys.data.preprocess import PreprocessSettings, SequenceData
+from recsys.data.preprocess import PreprocessSettings
+from recsys.data.sequences import SequenceData
 from recsys.errors import UserInputError
 
 log = logging.getLogger(__name__)

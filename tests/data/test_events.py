@@ -9,7 +9,8 @@ import torch
 from recsys.data import loaders
 from recsys.data.datamodule import SequenceDataModule
 from recsys.data.features import NUM_GAP_BUCKETS, time_gap_buckets
-from recsys.data.preprocess import PreprocessSettings, SequenceData, preprocess
+from recsys.data.preprocess import PreprocessSettings, preprocess
+from recsys.data.sequences import SequenceData
 from recsys.errors import UserInputError
 from recsys.models.bert4rec import BERT4Rec
 from recsys.models.network import DataInfo, target_positions

@@ -14,7 +14,8 @@ from recsys.data.cache import load_sequence_data
 from recsys.data.engine import Engine, memory_limit_bytes
 from recsys.data.features import gap_bucket, time_gap_buckets
 from recsys.data.formats import Source
-from recsys.data.preprocess import PreprocessSettings, SequenceData, preprocess
+from recsys.data.preprocess import PreprocessSettings, preprocess
+from recsys.data.sequences import SequenceData
 from recsys.data.split import EventSplit, training_item_counts
 from recsys.errors import UserInputError
 from tests.checks import Untouched, assert_user_error

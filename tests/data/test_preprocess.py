@@ -6,7 +6,8 @@ import pytest
 
 from recsys.data.cache import load_sequence_data
 from recsys.data.formats import Source
-from recsys.data.preprocess import PreprocessSettings, SequenceData, preprocess
+from recsys.data.preprocess import PreprocessSettings, preprocess
+from recsys.data.sequences import SequenceData
 from recsys.errors import UserInputError
 from tests.data.reference_preprocess import reference_preprocess
 
