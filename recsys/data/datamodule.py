@@ -28,12 +28,11 @@ from recsys.data.cache import load_sequence_data, source_fingerprint
 from recsys.data.datasets import (
     EvalUsers,
     TrainWindows,
-    history_besides_target,
     padded_windows,
-    repeat_targets,
     training_windows,
 )
 from recsys.data.engine import memory_limit_bytes
+from recsys.data.evaluated import EvaluatedUsers, evaluated_users, seen_targets
 from recsys.data.features import time_gap_buckets
 from recsys.data.formats import Source
 from recsys.data.preprocess import PreprocessSettings
@@ -47,10 +46,7 @@ from recsys.data.split import (
     Split,
     TimeSplit,
     check_event_keys,
-    leave_out_cold_targets,
-    leave_out_seen_targets,
     protocol_text,
-    sample_users,
     target_codes,
     time_split,
     training_item_counts,
@@ -169,10 +165,7 @@ class SequenceDataModule(pl.LightningDataModule):
         self.data: SequenceData | None = None
         self.split: Split | None = None
         self._gaps: np.ndarray | None = None
-        self._evaluated: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        self._evaluation_counts: dict[str, dict[str, float]] = {}
-        self._misses: dict[str, np.ndarray] = {}
-        self._repeat_targets: dict[str, np.ndarray] = {}
+        self._evaluated: dict[str, EvaluatedUsers] = {}
         self._source_fingerprint: str | None = None
         self._device_windows: tuple[torch.Tensor, np.ndarray] | None = None
         self._train_item_counts: torch.Tensor | None = None
@@ -379,70 +372,48 @@ class SequenceDataModule(pl.LightningDataModule):
         return self.data.event_ids(self.exclude_events, "data.exclude_events")
 
     def seen_targets(self, users: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """(len(users),) bool: the target item at `positions` is a seen item of the user, i.e. it
-        occurs among the user's earlier events (of the data.exclude_events types, when set), a
-        repeat. Never with hide_target_item, which hides the target item's earlier events."""
+        """(len(users),) bool: the target item at `positions` is a seen item of the user (of the
+        data.exclude_events types, when set); see recsys/data/evaluated.py."""
         self.setup()
-        data, codes = self.data, self._exclude_codes()
-        if self.hide_target_item:
-            return np.zeros(len(users), dtype=bool)
-        return repeat_targets(data, users, positions, codes)
+        return seen_targets(self.data, users, positions, self._exclude_codes(), self.hide_target_item)
+
+    def _evaluated_users(self, split: str) -> EvaluatedUsers:
+        self.setup()
+        if split not in self._evaluated:  # asked for at every validation and test pass
+            self._evaluated[split] = evaluated_users(
+                self.data,
+                self.split,
+                split,
+                self.name,
+                self.seen_items,
+                self._exclude_codes(),
+                self.hide_target_item,
+                self.cold_items,
+                self.max_users,
+                self.seed,
+            )
+        return self._evaluated[split]
 
     def evaluated_users(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """(users, target positions) evaluated on `split`: every user whose target has a history
-        (all users under plain leave-one-out; see EventSplit), but, under evaluation.seen_items=
-        exclude, those whose target is a seen item (counted in `evaluation_counts`)."""
-        self.setup()
-        if split in self._evaluated:  # asked for at every validation and test pass
-            return self._evaluated[split]
-        users, positions = self.split.targets(split)
-        if self.hide_target_item:
-            # Without the target item's own events a history may be empty: nothing to rank from.
-            keep = history_besides_target(self.data, users, positions)
-            if not keep.all():
-                log.info(
-                    "data %s: %d %s targets left out: the user did nothing before them but with the target item",
-                    self.name,
-                    int((~keep).sum()),
-                    split,
-                )
-            users, positions = users[keep], positions[keep]
-        repeat = self.seen_targets(users, positions)
-        self._repeat_targets[split] = np.zeros(self.data.num_users, dtype=bool)
-        self._repeat_targets[split][users] = repeat
-        users, positions, self._evaluation_counts[split] = leave_out_seen_targets(
-            users, positions, repeat, self.seen_items, split, self.name
-        )
-        counts = self._evaluation_counts[split]
-        cold = self.cold_item_mask()
-        if cold is not None:
-            is_cold = cold[self.data.items[positions]]
-            users, positions, misses = leave_out_cold_targets(
-                users, positions, is_cold, self.cold_items, split, counts
-            )
-            counts[f"{split}/cold_users"] = self.split.cold_users(split)
-            self._misses[split] = np.zeros(self.data.num_users, dtype=bool)
-            self._misses[split][users] = misses
-        if self.max_users is not None and len(users) > self.max_users:
-            users, positions = sample_users(users, positions, self.max_users, self.seed, split, counts)
-            log.info("data %s: %s ranked on %s", self.name, counts[f"{split}/users_sample"], split)
-        self._evaluated[split] = (users, positions)
-        return users, positions
+        (all users under plain leave-one-out; see EventSplit), but those that
+        recsys/data/evaluated.py leaves out (counted in `evaluation_counts`)."""
+        chosen = self._evaluated_users(split)
+        return chosen.users, chosen.positions
 
     def repeat_targets(self, split: str) -> np.ndarray:
         """(num_users,) bool: the user's `split` target is a seen item (see `seen_targets`), as
         found when the split's users were chosen."""
-        self.evaluated_users(split)
-        return self._repeat_targets[split]
+        return self._evaluated_users(split).repeat
 
     def evaluation_counts(self, split: str) -> dict[str, float]:
         """For metrics.json: `<split>/users` evaluated (every user of the split, not the
-        data.val_users subset; under evaluation.max_users, `<split>/users_ranked` of them in a seeded
-        sample, described by `<split>/users_sample`), `<split>/repeat_targets` (users whose target is a seen item) and
-        their share among the split's users, `<split>/users_left_out` (those of them left out:
-        all under evaluation.seen_items=exclude, none otherwise)."""
-        self.evaluated_users(split)
-        return dict(self._evaluation_counts[split])
+        data.val_users subset; under evaluation.max_users, `<split>/users_ranked` of them in a
+        seeded sample, described by `<split>/users_sample`), `<split>/repeat_targets` (users whose
+        target is a seen item) and their share among the split's users, `<split>/users_left_out`
+        (those of them left out: all under evaluation.seen_items=exclude, none otherwise); under a
+        time split `<split>/cold_targets` and `<split>/cold_users`."""
+        return dict(self._evaluated_users(split).counts)
 
     def validation_users(self) -> np.ndarray | None:
         """The fixed, seeded subset of users validated on when data.val_users is set (else None)."""
@@ -461,7 +432,8 @@ class SequenceDataModule(pl.LightningDataModule):
         self.setup()
         if split not in SPLITS:
             raise UserInputError(f"split: {split!r} is not one of {list(SPLITS)}")
-        users, target_pos = self.evaluated_users(split)
+        evaluated = self._evaluated_users(split)
+        users, target_pos = evaluated.users, evaluated.positions
         subset = self.validation_users() if split == "val" and not all_users else None
         if subset is not None:
             chosen = np.isin(users, subset)
@@ -477,7 +449,7 @@ class SequenceDataModule(pl.LightningDataModule):
             width_multiple=self.width_multiple,
             exclude_seen=self.seen_items != "keep",
             not_candidates=None if self.cold_item_mask() is None else np.flatnonzero(self.cold_item_mask()),
-            misses=self._misses[split][users] if split in self._misses else None,
+            misses=None if evaluated.misses is None else evaluated.misses[users],
         )
         sampler = LengthBucketBatchSampler(
             np.zeros(len(users)), self.eval_batch_size, shuffle=False, bucketing=False
