@@ -67,6 +67,10 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     if seen_items == "as_trained":  # runs from before the key existed get the default
         seen_items = run_cfg.get("evaluation", {}).get("seen_items", "exclude")
     seen_items = check_seen_items(seen_items)
+    targets = cfg.evaluation.get("targets", "as_trained")
+    if targets == "as_trained":
+        targets = run_cfg.get("evaluation", {}).get("targets", "next")
+    evaluation = OmegaConf.merge(cfg.evaluation, {"targets": targets})
     if cfg.exclude_events != "as_trained":  # e.g. all seen items instead of bought ones only
         run_cfg.data.exclude_events = None if cfg.exclude_events == "all" else cfg.exclude_events
 
@@ -75,6 +79,7 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         seen_items=seen_items,
         max_users=cfg.evaluation.get("max_users"),
         cold_items=cfg.evaluation.get("cold_items", "drop"),
+        targets=targets,
     )
     check_same_data(ckpt_path, checkpoint.get("data_fingerprint"), datamodule, run_cfg.data.path)
     datamodule.prepare_data()
@@ -84,7 +89,7 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         num_items=int(checkpoint["num_items"]),
         num_event_types=int(checkpoint.get("num_event_types", 0)),
     )
-    model = build_model(run_cfg, data, evaluation=cfg.evaluation)
+    model = build_model(run_cfg, data, evaluation=evaluation)
     model.load_state_dict(checkpoint["state_dict"])
 
     precision = check_precision(cfg.precision, cfg.accelerator)
@@ -111,6 +116,7 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         "data_fingerprint": datamodule.fingerprint,
         "exclude_seen": datamodule.exclude_events if datamodule.exclude_events is not None else True,
         "seen_items": seen_items,
+        "targets": targets,
         **datamodule.evaluation_counts(cfg.split),
         "protocol": datamodule.protocol(),
     }

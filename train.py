@@ -57,6 +57,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         seen_items=seen_items,
         max_users=cfg.evaluation.get("max_users"),
         cold_items=cfg.evaluation.get("cold_items", "drop"),
+        targets=cfg.evaluation.get("targets", "next"),
     )
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -118,6 +119,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         "resumed_from": str(resume.checkpoint.relative_to(run_dir)) if resume is not None else None,
         "exclude_seen": datamodule.exclude_events if datamodule.exclude_events is not None else True,
         "seen_items": seen_items,
+        "targets": datamodule.targets,
         **datamodule.evaluation_counts("val"),
         **datamodule.evaluation_counts("test"),
         "protocol": datamodule.protocol(),

@@ -32,7 +32,7 @@ from recsys.data.datasets import (
     training_windows,
 )
 from recsys.data.engine import memory_limit_bytes
-from recsys.data.evaluated import EvaluatedUsers, evaluated_users, seen_targets
+from recsys.data.evaluated import EvaluatedUsers, evaluated_users, evaluated_windows, seen_targets
 from recsys.data.features import time_gap_buckets
 from recsys.data.formats import Source
 from recsys.data.preprocess import PreprocessSettings
@@ -46,13 +46,14 @@ from recsys.data.split import (
     Split,
     TimeSplit,
     check_event_keys,
+    check_window_keys,
     protocol_text,
     target_codes,
     time_split,
     training_item_counts,
 )
 from recsys.errors import UserInputError
-from recsys.evaluation.metrics import check_seen_items
+from recsys.evaluation.metrics import check_seen_items, check_targets
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,7 @@ class SequenceDataModule(pl.LightningDataModule):
         val_window: str | None = None,
         time_unit: str = "s",
         cold_items: str = "drop",
+        targets: str = "next",
     ):
         super().__init__()
         # Not a data key: train.py and evaluate.py pass evaluation.seen_items.
@@ -121,6 +123,7 @@ class SequenceDataModule(pl.LightningDataModule):
         if cold_items not in COLD_ITEMS:  # not a data key: evaluation.cold_items
             raise UserInputError(f"evaluation.cold_items: {cold_items!r} is not one of {list(COLD_ITEMS)}")
         self.protocol_name = split
+        self.targets = check_window_keys(check_targets(targets), split, seen_items, hide_target_item)
         self.time_keys = dict(
             test_window=test_window, test_start=test_start, test_share=test_share, val_window=val_window
         )
@@ -363,7 +366,9 @@ class SequenceDataModule(pl.LightningDataModule):
                 "keep": "targets without a training event counted as misses",
             }
             time_split = f"{self.split.cuts.describe()}; {cold[self.cold_items]}"
-        return protocol_text(self.target_events, self.exclude_events, self.seen_items, time_split)
+        return protocol_text(
+            self.target_events, self.exclude_events, self.seen_items, time_split, self.targets
+        )
 
     def _exclude_codes(self) -> list[int] | None:
         """Event type ids whose items count as seen (None: every event's)."""
@@ -377,9 +382,24 @@ class SequenceDataModule(pl.LightningDataModule):
         self.setup()
         return seen_targets(self.data, users, positions, self._exclude_codes(), self.hide_target_item)
 
-    def _evaluated_users(self, split: str) -> EvaluatedUsers:
+    def evaluated(self, split: str) -> EvaluatedUsers:
+        """The users `split` ranks, their targets and counts (recsys/data/evaluated.py)."""
         self.setup()
-        if split not in self._evaluated:  # asked for at every validation and test pass
+        if split in self._evaluated:  # asked for at every validation and test pass
+            return self._evaluated[split]
+        if self.targets == "window":
+            self._evaluated[split] = evaluated_windows(
+                self.data,
+                self.split,
+                split,
+                self.name,
+                self.seen_items,
+                self._exclude_codes(),
+                self.cold_items,
+                self.max_users,
+                self.seed,
+            )
+        else:
             self._evaluated[split] = evaluated_users(
                 self.data,
                 self.split,
@@ -398,13 +418,13 @@ class SequenceDataModule(pl.LightningDataModule):
         """(users, target positions) evaluated on `split`: every user whose target has a history
         (all users under plain leave-one-out; see EventSplit), but those that
         recsys/data/evaluated.py leaves out (counted in `evaluation_counts`)."""
-        chosen = self._evaluated_users(split)
+        chosen = self.evaluated(split)
         return chosen.users, chosen.positions
 
     def repeat_targets(self, split: str) -> np.ndarray:
         """(num_users,) bool: the user's `split` target is a seen item (see `seen_targets`), as
         found when the split's users were chosen."""
-        return self._evaluated_users(split).repeat
+        return self.evaluated(split).repeat
 
     def evaluation_counts(self, split: str) -> dict[str, float]:
         """For metrics.json: `<split>/users` evaluated (every user of the split, not the
@@ -413,7 +433,7 @@ class SequenceDataModule(pl.LightningDataModule):
         target is a seen item) and their share among the split's users, `<split>/users_left_out`
         (those of them left out: all under evaluation.seen_items=exclude, none otherwise); under a
         time split `<split>/cold_targets` and `<split>/cold_users`."""
-        return dict(self._evaluated_users(split).counts)
+        return dict(self.evaluated(split).counts)
 
     def validation_users(self) -> np.ndarray | None:
         """The fixed, seeded subset of users validated on when data.val_users is set (else None)."""
@@ -432,12 +452,13 @@ class SequenceDataModule(pl.LightningDataModule):
         self.setup()
         if split not in SPLITS:
             raise UserInputError(f"split: {split!r} is not one of {list(SPLITS)}")
-        evaluated = self._evaluated_users(split)
-        users, target_pos = evaluated.users, evaluated.positions
+        evaluated = self.evaluated(split)
+        users, target_pos, windows = evaluated.users, evaluated.positions, evaluated.windows
         subset = self.validation_users() if split == "val" and not all_users else None
         if subset is not None:
             chosen = np.isin(users, subset)
             users, target_pos = users[chosen], target_pos[chosen]
+            windows = None if windows is None else windows.of(np.flatnonzero(chosen))
         users = EvalUsers(
             self.data,
             users,
@@ -450,6 +471,7 @@ class SequenceDataModule(pl.LightningDataModule):
             exclude_seen=self.seen_items != "keep",
             not_candidates=None if self.cold_item_mask() is None else np.flatnonzero(self.cold_item_mask()),
             misses=None if evaluated.misses is None else evaluated.misses[users],
+            windows=windows,
         )
         sampler = LengthBucketBatchSampler(
             np.zeros(len(users)), self.eval_batch_size, shuffle=False, bucketing=False

@@ -21,6 +21,8 @@ built to read them do, the others ignore them. With `data.target_events`, traini
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -28,6 +30,9 @@ from torch.utils.data import Dataset
 from recsys.data.features import compacted_gap_buckets
 from recsys.data.sequences import SequenceData
 from recsys.data.split import Split
+
+if TYPE_CHECKING:  # recsys/data/evaluated.py reads this module's histories
+    from recsys.data.evaluated import WindowTargets
 
 
 def gather_windows(
@@ -125,6 +130,8 @@ class EvalUsers(Dataset):
     those of events of these types, or with `exclude_seen=False` none ((B, 0)). Event-typed data also yields `history_events`, `history_gaps`
     and `target_event` (the type of event being predicted, e.g. a purchase). `hide_target_item`
     leaves the target item's own earlier events out of the history (see data.hide_target_item).
+    With `windows` (evaluation.targets=window), `target` is (B, T), each user's window targets
+    0-padded, `miss` (B, T) marks those counted as misses, and the history ends at the window.
     """
 
     def __init__(
@@ -140,8 +147,14 @@ class EvalUsers(Dataset):
         exclude_seen: bool = True,
         not_candidates: np.ndarray | None = None,
         misses: np.ndarray | None = None,
+        windows: WindowTargets | None = None,
     ):
         self.data = data
+        # evaluation.targets=window: several targets per user and a history that ends where the
+        # window begins; `target_pos` is then each user's first target event (its type is the
+        # `target_event`).
+        self.windows = windows
+        self.history_end = target_pos if windows is None else windows.history_end
         self.exclude_seen = exclude_seen
         # Items no user may be recommended (a time split's items without a training event), added
         # to every row's exclusions; and per user, a target counted as a miss whatever its rank.
@@ -164,17 +177,18 @@ class EvalUsers(Dataset):
         data = self.data
         target_pos = self.target_pos[indices]
         target = data.items[target_pos].astype(np.int64)
+        history_end = self.history_end[indices]
         seen_start = self.seen_start[indices]
         # Every event before the target, right-padded; with hide_target_item, without the
         # target item's own earlier events (then compacted, still right-padded).
-        seen = gather_windows(data.items, seen_start, target_pos)
+        seen = gather_windows(data.items, seen_start, history_end)
         per_event = {"events": data.events, "gaps": self.gaps} if data.has_events else {}
         if self.hide_target_item and data.has_events:
             # As if the hidden events never happened: the gaps are recomputed from the kept events'
             # timestamps (a hidden event in between would otherwise show through its neighbour's gap).
             per_event["times"] = data.timestamps
             del per_event["gaps"]
-        seen_features = {k: gather_windows(v, seen_start, target_pos) for k, v in per_event.items()}
+        seen_features = {k: gather_windows(v, seen_start, history_end) for k, v in per_event.items()}
         if self.hide_target_item:
             keep = (seen != 0) & (seen != target[:, None])
             order = np.argsort(~keep, axis=1, kind="stable")  # kept positions first, in time order
@@ -219,6 +233,12 @@ class EvalUsers(Dataset):
         }
         if self.misses is not None:
             batch["miss"] = torch.from_numpy(self.misses[indices])
+        if self.windows is not None:  # (B, T) targets, 0-padded, and which of them are misses
+            offsets = self.windows.offsets
+            begins, ends = offsets[indices], offsets[indices + 1]
+            batch["target"] = torch.from_numpy(gather_windows(self.windows.items, begins, ends))
+            miss = gather_windows(self.windows.miss, begins, ends).astype(bool)
+            batch["miss"] = torch.from_numpy(np.ascontiguousarray(miss))
         if data.has_events:
             batch["history_events"] = torch.from_numpy(history_of(seen_features["events"]))
             batch["target_event"] = torch.from_numpy(data.events[target_pos].astype(np.int64))

@@ -6,6 +6,9 @@ counted, and its user left out under evaluation.seen_items=exclude; under a time
 item without a training event is counted, and left out or kept as a miss by
 evaluation.cold_items; then evaluation.max_users may take a seeded sample. The data module asks
 once per split (`EvaluatedUsers`) and serves these users, their repeat flags, misses and counts.
+
+With evaluation.targets=window (time splits), `evaluated_windows` chooses the users and, for each,
+every distinct item of the window as a target (`WindowTargets`), by the same rules per target.
 """
 
 from __future__ import annotations
@@ -27,6 +30,28 @@ from recsys.data.split import (
 
 log = logging.getLogger(__name__)
 
+# Users whose histories are gathered at a time when checking window targets against them.
+_CHUNK_USERS = 4096
+
+
+@dataclass
+class WindowTargets:
+    """evaluation.targets=window: every evaluated user's targets, the distinct items of their
+    window (in the order first met), as CSR arrays aligned with `EvaluatedUsers.users`; the
+    history ends where the window begins."""
+
+    history_end: np.ndarray  # (users,) position where each user's window begins
+    offsets: np.ndarray  # (users + 1,) the user's targets are items[offsets[i]:offsets[i + 1]]
+    items: np.ndarray  # (targets,) item indices
+    miss: np.ndarray  # (targets,) bool: counted as a miss (a cold item under cold_items=keep)
+
+    def of(self, chosen: np.ndarray) -> WindowTargets:
+        """The targets of the users at indices `chosen` (ascending)."""
+        counts = np.diff(self.offsets)[chosen]
+        flat = _ranges(self.offsets[chosen], counts)
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return WindowTargets(self.history_end[chosen], offsets, self.items[flat], self.miss[flat])
+
 
 @dataclass
 class EvaluatedUsers:
@@ -39,6 +64,7 @@ class EvaluatedUsers:
     repeat: np.ndarray
     misses: np.ndarray | None
     counts: dict[str, float]
+    windows: WindowTargets | None = None
 
 
 def seen_targets(
@@ -98,3 +124,111 @@ def evaluated_users(
         users, positions = sample_users(users, positions, max_users, seed, split_name, counts)
         log.info("data %s: %s ranked on %s", name, counts[f"{split_name}/users_sample"], split_name)
     return EvaluatedUsers(users, positions, repeat_of_user, misses, counts)
+
+
+def _ranges(begins: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The positions begins[i] .. begins[i] + counts[i] - 1 of every i, concatenated."""
+    counts = np.maximum(counts, 0)
+    first = np.repeat(begins - (np.cumsum(counts) - counts), counts)
+    return first + np.arange(int(counts.sum()), dtype=np.int64)
+
+
+def _seen_before_window(
+    data: SequenceData,
+    owners: np.ndarray,
+    items: np.ndarray,
+    window_begin: np.ndarray,
+    exclude_codes: list[int] | None,
+) -> np.ndarray:
+    """(len(items),) bool: `items[i]` occurs among user `owners[i]`'s events before their window
+    (of the `exclude_codes` types, when given). Users taken _CHUNK_USERS at a time (owners
+    ascending), so memory stays bounded by their histories."""
+    seen = np.zeros(len(items), dtype=bool)
+    users, first = np.unique(owners, return_index=True)
+    bounds = np.append(first, len(owners))
+    width = data.num_items + 1
+    for begin in range(0, len(users), _CHUNK_USERS):
+        chunk = users[begin : begin + _CHUNK_USERS]
+        starts = data.offsets[:-1][chunk]
+        history = _ranges(starts, window_begin[chunk] - starts)
+        if exclude_codes is not None:
+            history = history[np.isin(data.events[history], exclude_codes)]
+        row_of = np.searchsorted(data.offsets[1:], history, side="right")
+        history_keys = row_of.astype(np.int64) * width + data.items[history]
+        rows = slice(bounds[begin], bounds[min(begin + _CHUNK_USERS, len(users))])
+        keys = owners[rows].astype(np.int64) * width + items[rows]
+        seen[rows] = np.isin(keys, history_keys)
+    return seen
+
+
+def evaluated_windows(
+    data: SequenceData,
+    split: TimeSplit,
+    split_name: str,
+    name: str,
+    seen_items: str,
+    exclude_codes: list[int] | None,
+    cold_items: str,
+    max_users: int | None,
+    seed: int,
+) -> EvaluatedUsers:
+    """evaluation.targets=window: the users `split_name` ranks and their targets, every distinct
+    item of their events (of the target types) in the window. Under evaluation.seen_items=exclude
+    items seen before the window are no targets (RecTools' filter_already_seen), counted as
+    `<split>/repeat_targets`; targets without a training event are counted (`cold_targets`) and
+    dropped or kept as misses (evaluation.cold_items); a user with no event before the window is
+    counted (`cold_users`) and not ranked, nor is one left with no target (`users_left_out`)."""
+    begin, end = split.window(split_name)
+    starts = data.offsets[:-1]
+    positions = _ranges(begin, end - begin)
+    if split.is_target is not None:
+        positions = positions[split.is_target[positions]]
+    owners = np.searchsorted(data.offsets[1:], positions, side="right")
+    with_targets = np.unique(owners)
+    has_history = begin > starts
+    cold_users = int((~has_history[with_targets]).sum())
+    keep = has_history[owners]
+    positions, owners = positions[keep], owners[keep]
+    items = data.items[positions].astype(np.int64)
+    # Each item once per user, at its first event in the window (positions ascend within a user).
+    order = np.lexsort((positions, items, owners))
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = (owners[order][1:] != owners[order][:-1]) | (items[order][1:] != items[order][:-1])
+    kept = np.sort(order[first])
+    positions, owners, items = positions[kept], owners[kept], items[kept]
+    candidates = np.unique(owners)
+    pairs = len(items)
+    repeat = np.zeros(pairs, dtype=bool)
+    if seen_items == "exclude":
+        repeat = _seen_before_window(data, owners, items, begin, exclude_codes)
+    is_cold = split.cold_items(data)[items] & ~repeat
+    drop = repeat | (is_cold if cold_items == "drop" else False)
+    positions, owners, items, miss = positions[~drop], owners[~drop], items[~drop], is_cold[~drop]
+    users, first_index, per_user = np.unique(owners, return_index=True, return_counts=True)
+    counts = {
+        f"{split_name}/users": len(users),
+        f"{split_name}/targets": len(items),
+        f"{split_name}/repeat_targets": int(repeat.sum()),
+        f"{split_name}/repeat_target_share": float(repeat.sum()) / max(pairs, 1),
+        f"{split_name}/users_left_out": len(candidates) - len(users),
+        f"{split_name}/cold_targets": int(is_cold.sum()),
+        f"{split_name}/cold_users": cold_users,
+    }
+    offsets = np.concatenate([[0], np.cumsum(per_user)]).astype(np.int64)
+    windows = WindowTargets(begin[users], offsets, items, miss)
+    first_positions = positions[first_index]
+    if max_users is not None and len(users) > max_users:
+        chosen_users, _ = sample_users(users, first_positions, max_users, seed, split_name, counts)
+        chosen = np.flatnonzero(np.isin(users, chosen_users))
+        users, first_positions, windows = users[chosen], first_positions[chosen], windows.of(chosen)
+        log.info("data %s: %s ranked on %s", name, counts[f"{split_name}/users_sample"], split_name)
+    log.info(
+        "data %s: %d %s users, %d window targets (%d seen before the window and left out, %d cold)",
+        name,
+        len(users),
+        split_name,
+        len(windows.items),
+        int(repeat.sum()),
+        int(is_cold.sum()),
+    )
+    return EvaluatedUsers(users, first_positions, np.zeros(data.num_users, dtype=bool), None, counts, windows)

@@ -225,9 +225,10 @@ class TimeSplit:
         self.starts = starts
         self.is_target = None if target_codes is None else np.isin(data.events, target_codes)
         self.train_end = starts + count_before(data, cuts.val_cut)
-        test_start = starts + count_before(data, cuts.test_cut)
-        self.val_pos = self._first_target(self.train_end, test_start)
-        self.test_pos = self._first_target(test_start, ends)
+        self.test_start = starts + count_before(data, cuts.test_cut)
+        self.ends = ends
+        self.val_pos = self._first_target(self.train_end, self.test_start)
+        self.test_pos = self._first_target(self.test_start, ends)
         self.skipped_users = int((self.test_pos < 0).sum())
 
     def _first_target(self, begin: np.ndarray, end: np.ndarray) -> np.ndarray:
@@ -244,6 +245,12 @@ class TimeSplit:
         positions = self.val_pos if split == "val" else self.test_pos
         users = np.flatnonzero(positions > self.starts)
         return users, positions[users]
+
+    def window(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """(num_users,) each user's first and past-the-last position in `split`'s window."""
+        if split == "val":
+            return self.train_end, self.test_start
+        return self.test_start, self.ends
 
     def cold_items(self, data: SequenceData) -> np.ndarray:
         """(num_items + 1,) bool: the items with no event (of any type) before the validation cut,
@@ -293,6 +300,26 @@ def check_event_keys(event_types, keep_events, target_events, exclude_events) ->
             )
 
 
+def check_window_keys(targets: str, protocol: str, seen_items: str, hide_target_item: bool) -> str:
+    """evaluation.targets=window needs a time split and cannot be combined with the options that
+    single out one target item; returns `targets`."""
+    if targets != "window":
+        return targets
+    if protocol != "time":
+        raise UserInputError(
+            "evaluation.targets: 'window' needs data.split=time (under leave-one-out each user has one target)"
+        )
+    if seen_items == "exclude_but_target":
+        raise UserInputError(
+            "evaluation.seen_items: 'exclude_but_target' keeps one seen target; with evaluation.targets=window use exclude or keep"
+        )
+    if hide_target_item:
+        raise UserInputError(
+            "data.hide_target_item: hides one target item's events; not with evaluation.targets=window"
+        )
+    return targets
+
+
 def target_codes(data: SequenceData, target_events: list[str] | None, name: str) -> list[int] | None:
     """The type ids of data.target_events (None: every event is a target), each checked to occur in
     data set `name`."""
@@ -311,11 +338,17 @@ def protocol_text(
     exclude_events: list[str] | None,
     seen_items: str,
     time_split: str | None = None,
+    targets: str = "next",
 ) -> str:
     """The evaluation protocol in words, for metrics.json (`time_split`: where a time split cuts
-    and what it does with cold items; None: leave-one-out)."""
+    and what it does with cold items; None: leave-one-out; `targets`: evaluation.targets)."""
     kind = "" if target_events is None else f"{'/'.join(target_events)} "
-    if time_split is not None:
+    if targets == "window":
+        target = (
+            f"time split ({time_split}), every distinct {kind}item of the window as a target "
+            "from the full history before the window"
+        )
+    elif time_split is not None:
         target = (
             f"time split ({time_split}), the first {kind}event in the window from the full history before it"
         )
@@ -329,8 +362,11 @@ def protocol_text(
         seen = "no items"  # nothing counts as seen: the same as keeping them
     else:
         seen = f"items of earlier {'/'.join(exclude_events)} events"
+    left_out = (
+        "targets among them left out" if targets == "window" else "users whose target is one of them left out"
+    )
     rule = {
-        "exclude": f"{seen} excluded, users whose target is one of them left out",
+        "exclude": f"{seen} excluded, {left_out}",
         "keep": "seen items kept (repeats ranked)",
         "exclude_but_target": f"{seen} excluded but a seen target kept (leaks repeat targets)",
     }[seen_items]

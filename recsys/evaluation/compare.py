@@ -31,6 +31,18 @@ from scipy import stats
 from recsys.errors import UserInputError
 
 KEY_COLUMNS = ("user_id", "target_item_id", "rank")
+# Under evaluation.targets=window a row holds all of a user's targets (recsys/evaluation/results.py).
+WINDOW_KEY_COLUMNS = ("user_id", "target_item_ids", "rank")
+
+
+def target_column(frame: pd.DataFrame) -> str:
+    """The column naming a row's target(s): one item, or the list of a user's window targets."""
+    return "target_item_ids" if "target_item_ids" in frame.columns else "target_item_id"
+
+
+def _targets_key(frame: pd.DataFrame) -> list:
+    """Each row's target(s) in a form that compares equal when they are the same."""
+    return [tuple(t) if not np.isscalar(t) else t for t in frame[target_column(frame)]]
 
 
 @dataclass
@@ -80,7 +92,11 @@ def load_run(path: str | Path) -> RunResults:
     if not per_user.is_file():
         raise UserInputError(f"compare: {path} has no per_user.parquet (train.py and evaluate.py write it)")
     frame = pd.read_parquet(per_user)
-    missing = [c for c in KEY_COLUMNS if c not in frame.columns]
+    missing = [
+        c
+        for c in (WINDOW_KEY_COLUMNS if "target_item_ids" in frame.columns else KEY_COLUMNS)
+        if c not in frame.columns
+    ]
     if missing:
         raise UserInputError(f"compare: {per_user} lacks the column(s) {missing}")
     if frame["user_id"].duplicated().any():
@@ -96,7 +112,7 @@ def check_paired(runs: Sequence[RunResults]) -> None:
         other = run.per_user
         same = len(other) == len(base) and (
             (other["user_id"].to_numpy() == base["user_id"].to_numpy()).all()
-            and (other["target_item_id"].to_numpy() == base["target_item_id"].to_numpy()).all()
+            and _targets_key(other) == _targets_key(base)
         )
         if not same:
             raise UserInputError(
@@ -173,7 +189,11 @@ def compare_runs(
     for name in metrics:
         missing = [str(r.path) for r in runs if name not in r.per_user.columns]
         if missing:
-            available = sorted(c for c in runs[0].per_user.columns if c not in KEY_COLUMNS)
+            available = sorted(
+                c
+                for c in runs[0].per_user.columns
+                if runs[0].per_user[c].dtype.kind in "iufb" and c not in KEY_COLUMNS
+            )
             raise UserInputError(
                 f"compare.metrics: no metric {name!r} in {missing[0]}; available: {available}"
             )
@@ -263,12 +283,13 @@ def average_over_seeds(runs: Sequence[RunResults]) -> list[RunResults]:
     for members in seed_groups(runs):
         check_paired(members)
         frames = [m.per_user for m in members]
-        numeric = [c for c in frames[0].columns if c not in ("user_id", "target_item_id")]
+        keys = ["user_id", target_column(frames[0])]
+        numeric = [c for c in frames[0].columns if c not in keys]
         numeric = [
             c for c in numeric if all(c in f.columns for f in frames) and frames[0][c].dtype.kind in "iuf"
         ]
         mean = sum(f[numeric].astype(np.float64) for f in frames) / len(frames)
-        per_user = pd.concat([frames[0][["user_id", "target_item_id"]], mean], axis=1)
+        per_user = pd.concat([frames[0][keys], mean], axis=1)
         averaged.append(RunResults(_group_name(members), members[0].path, per_user, members[0].config_key))
     return averaged
 

@@ -35,6 +35,18 @@ Sampled ranking (the target ranked among N sampled non-seen items instead of all
 explicit opt-in for comparison with old papers, labelled with its sampler and N; it is known to
 mislead (Krichene & Rendle, KDD 2020). `sampled_target_ranks` computes it.
 
+Several targets per user (`evaluation.targets=window` under a time split: every new item the user
+interacted with in the window). Each target's rank is first taken among the candidates that are not
+targets of that user (`window_target_ranks`, `chunked_window_ranks`: pessimistic ties as above);
+the targets are then placed in one list, best first, each after those ranked before it
+(`list_positions`: the i-th best target at rank r sits at position r + i - 1; a target that is not
+a candidate, e.g. a cold item kept as a miss, sits past the catalogue). From the positions p_j of
+the n targets, as IR defines them for several relevant items (trec_eval's recall, ndcg_cut, P,
+map_cut): Recall@K = #{p_j <= K} / n, HR@K = [any p_j <= K], Precision@K = #{p_j <= K} / K,
+NDCG@K = sum_{p_j <= K} 1 / log2(p_j + 1) over the ideal DCG of min(n, K) targets at the top,
+MAP@K = (sum over the targets at p_j <= K of the precision at p_j) / n, MRR@K = 1 / min p_j if
+that is <= K. With one target each equals the single-target metric above.
+
 Means are exact across batches and processes: the accumulators keep sums and a count, and a
 distributed run adds them up (never a mean of means).
 """
@@ -52,6 +64,9 @@ DEFAULT_KS = (1, 5, 10, 20)
 # evaluation.seen_items: what is done with the items a user has already interacted with (above).
 SEEN_ITEMS = ("exclude", "keep", "exclude_but_target")
 METRIC_NAMES = ("hr", "ndcg", "mrr", "map", "precision")
+# evaluation.targets: one target per user (the first event of the window, or leave-one-out's), or
+# every new item of the user's window (time splits).
+TARGETS = ("next", "window")
 LIST_METRIC_NAMES = ("coverage", "arp", "novelty")
 
 
@@ -91,8 +106,42 @@ def metrics_from_ranks(ranks: torch.Tensor, ks: Sequence[int] = DEFAULT_KS) -> d
     return out
 
 
-def metric_names(ks: Sequence[int] = DEFAULT_KS) -> list[str]:
-    return [f"{name}@{k}" for k in ks for name in METRIC_NAMES]
+def metric_names(ks: Sequence[int] = DEFAULT_KS, targets: str = "next") -> list[str]:
+    names = METRIC_NAMES + (("recall",) if targets == "window" else ())
+    return [f"{name}@{k}" for k in ks for name in names]
+
+
+def metrics_from_positions(
+    positions: torch.Tensor, ks: Sequence[int] = DEFAULT_KS
+) -> dict[str, torch.Tensor]:
+    """Per-user metric values of several targets per user (see the module docstring), from their
+    list positions (B, T) (`list_positions`; 0: no target in that column). Every row has a target."""
+    positions = positions.to(torch.float64)
+    present = positions > 0
+    count = present.sum(dim=1).to(torch.float64)
+    # Ascending positions, absent ones last: the i-th hit's precision is i / p.
+    ordered = torch.where(present, positions, torch.inf).sort(dim=1).values
+    place = torch.arange(1, positions.size(1) + 1, dtype=torch.float64)
+    ideal_gain = 1.0 / torch.log2(place + 1.0)
+    out: dict[str, torch.Tensor] = {}
+    for k in ks:
+        hit = ordered <= k
+        hits = hit.sum(dim=1).to(torch.float64)
+        dcg = torch.where(hit, 1.0 / torch.log2(ordered + 1.0), 0.0).sum(dim=1)
+        ideal = torch.cumsum(ideal_gain, 0)[(count.clamp(max=k) - 1).long().clamp(min=0)]
+        out[f"hr@{k}"] = (hits > 0).to(torch.float64)
+        out[f"ndcg@{k}"] = dcg / ideal
+        out[f"mrr@{k}"] = torch.where(hit[:, 0], 1.0 / ordered[:, 0], 0.0)
+        out[f"map@{k}"] = torch.where(hit, place / ordered, 0.0).sum(dim=1) / count
+        out[f"precision@{k}"] = hits / k
+        out[f"recall@{k}"] = hits / count
+    return out
+
+
+def check_targets(value: str, key: str = "evaluation.targets") -> str:
+    if value not in TARGETS:
+        raise UserInputError(f"{key}: {value!r} is not one of {list(TARGETS)}")
+    return value
 
 
 def check_ks(ks: Sequence[int], num_items: int) -> None:
@@ -245,6 +294,95 @@ def _candidate_count(width: int, target: torch.Tensor, exclude: torch.Tensor | N
     return width - 1 - distinct.sum(dim=1) - (seen[:, 0] != 0).long()
 
 
+def window_target_ranks(
+    scores: torch.Tensor, targets: torch.Tensor, exclude: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(B, T) 1-based pessimistic rank of each of a row's targets among the candidates that are
+    not targets of the row (padding, `exclude`d items and the row's other targets left out).
+
+    scores: (B, num_items + 1); targets: (B, T) item indices, 0 where a row has fewer targets
+    (their ranks are 0). The plain reference of `chunked_window_ranks`."""
+    scores = scores.float()
+    candidate = _candidates(scores, exclude)
+    candidate.scatter_(1, targets, False)
+    candidate[:, 0] = False
+    target_score = scores.gather(1, targets)
+    ranks = torch.zeros_like(targets)
+    for column in range(targets.size(1)):
+        score = target_score[:, column : column + 1]
+        above = (scores >= score) | scores.isnan() | score.isnan()
+        ranks[:, column] = 1 + (above & candidate).sum(dim=1)
+    return torch.where(targets > 0, ranks, 0)
+
+
+def chunked_window_ranks(
+    queries: torch.Tensor,
+    item_vectors: torch.Tensor,
+    targets: torch.Tensor,
+    exclude: torch.Tensor | None,
+    chunk_size: int = 65536,
+) -> torch.Tensor:
+    """`window_target_ranks` for dot-product scores, a chunk of items at a time: the queries are
+    scored once against each chunk, and each target column counts the chunk's candidates at or
+    above it, with `chunked_ranking`'s exact comparison of near ties (float64 dot products) and its
+    float32 scores (autocast off). A target scored NaN or -inf ranks last among the candidates."""
+    with torch.autocast(device_type=queries.device.type, enabled=False):
+        queries, item_vectors = queries.float(), item_vectors.float()
+        batch, columns = targets.shape
+        width, dim = item_vectors.shape
+        rows = torch.arange(batch, device=queries.device)
+        exact_target = _exact_dot(
+            queries.repeat_interleave(columns, dim=0), item_vectors[targets.reshape(-1)]
+        ).view(batch, columns)
+        target_score = exact_target.float()
+        bound = queries.norm(dim=1) * item_vectors.norm(dim=1).max()
+        tolerance = (dim * 2.0**-23 * bound)[:, None]
+        # Items that are not candidates of a row: its excluded items and its targets.
+        left_out = targets if exclude is None or exclude.numel() == 0 else torch.cat([exclude, targets], 1)
+        above = torch.zeros(batch, columns, dtype=torch.long, device=queries.device)
+        for begin in range(0, width, chunk_size):
+            end = min(begin + chunk_size, width)
+            size = end - begin
+            scores = torch.cat([queries @ item_vectors[begin:end].T, queries.new_zeros(batch, 1)], 1)
+            inside = (left_out >= begin) & (left_out < end)  # others land in the spare last column
+            scores.scatter_(1, torch.where(inside, left_out - begin, size), -torch.inf)
+            scores = scores[:, :size]
+            if begin == 0:
+                scores[:, 0] = -torch.inf  # padding
+            for column in range(columns):
+                score = target_score[:, column : column + 1]
+                below = scores < score  # NaN < t is False: NaN scores count as above
+                near = ((scores - score).abs() <= tolerance) & scores.isfinite()
+                near_rows, near_items = near.nonzero(as_tuple=True)
+                if near_rows.numel():
+                    exact = _exact_dot(queries[near_rows], item_vectors[begin + near_items])
+                    below[near_rows, near_items] = exact < exact_target[near_rows, column]
+                above[:, column] += size - below.sum(dim=1)
+        ranks = 1 + above
+        broken = exact_target.isnan() | (exact_target == -torch.inf)
+        if bool(broken.any()):
+            last = _candidate_count(width, torch.zeros_like(rows), left_out) + 1
+            ranks = torch.where(broken, last[:, None], ranks)
+    return torch.where(targets > 0, ranks, 0)
+
+
+def list_positions(ranks: torch.Tensor, miss: torch.Tensor | None, num_items: int) -> torch.Tensor:
+    """(B, T) the list position of each target from its rank among the non-target candidates
+    (`window_target_ranks`; 0: no target): the i-th best of a row's ranked targets sits at rank +
+    i - 1; a `miss` (a target that is no candidate) sits at num_items + 1, past every list."""
+    ranked = ranks > 0
+    if miss is not None:
+        ranked &= ~miss
+    key = torch.where(ranked, ranks, torch.iinfo(ranks.dtype).max // 2)
+    ordered, order = key.sort(dim=1, stable=True)
+    place = torch.arange(ranks.size(1), device=ranks.device)
+    positions = torch.empty_like(ranks).scatter_(1, order, ordered + place)
+    positions = torch.where(ranked, positions, 0)
+    if miss is not None:
+        positions = torch.where(miss & (ranks > 0), num_items + 1, positions)
+    return positions
+
+
 def sampled_target_ranks(target_scores: torch.Tensor, negative_scores: torch.Tensor) -> torch.Tensor:
     """1-based pessimistic rank of each target, scored (B, 1), among its (B, N) sampled negatives."""
     target_scores, negative_scores = target_scores.float(), negative_scores.float()
@@ -335,19 +473,26 @@ class RankingMetrics:
     `reduce_sum` (e.g. a Lightning strategy's all-reduce) adds the sums up across processes.
     """
 
-    def __init__(self, ks: Sequence[int] = DEFAULT_KS):
+    def __init__(self, ks: Sequence[int] = DEFAULT_KS, targets: str = "next"):
         self.ks = tuple(ks)
+        self.targets = check_targets(targets)
         self.reset()
 
     def reset(self) -> None:
-        self.sums: dict[str, float] = dict.fromkeys(metric_names(self.ks), 0.0)
+        self.sums: dict[str, float] = dict.fromkeys(metric_names(self.ks, self.targets), 0.0)
         self.count = 0
 
     def update(self, ranks: torch.Tensor) -> dict[str, torch.Tensor]:
-        values = metrics_from_ranks(ranks, self.ks)
+        """ranks: (B,) one target's rank per user, or under targets=window (B, T) list positions."""
+        if (ranks.dim() == 2) != (self.targets == "window"):
+            raise RuntimeError(f"metrics for targets={self.targets} got ranks of shape {tuple(ranks.shape)}")
+        if self.targets == "window":
+            values = metrics_from_positions(ranks, self.ks)
+        else:
+            values = metrics_from_ranks(ranks, self.ks)
         for name, per_user in values.items():
             self.sums[name] += float(per_user.sum())
-        self.count += int(ranks.numel())
+        self.count += int(ranks.size(0))
         return values
 
     def compute(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:

@@ -4,6 +4,7 @@
 target's 1-based rank after exclusion, every metric, and what slices are cut by: the length of the
 history before the target, the target's training count and whether the target repeats a seen item
 (`repeat_target`; never under evaluation.seen_items=exclude, which leaves those users out).
+Under evaluation.targets=window a row holds all of the user's targets (`window_per_user_frame`).
 `slices.csv`: the mean metrics by history-length bucket, by target-popularity bucket and by
 repeat or new target, with the user count of each bucket.
 """
@@ -17,7 +18,7 @@ import pandas as pd
 import torch
 
 from recsys.data.sequences import SequenceData
-from recsys.evaluation.metrics import metrics_from_ranks
+from recsys.evaluation.metrics import metrics_from_positions, metrics_from_ranks
 from recsys.runs.files import atomic_path
 
 # Left-closed bucket edges; the last bucket is open-ended.
@@ -60,6 +61,41 @@ def per_user_frame(
     if repeat_targets is not None:
         frame["repeat_target"] = np.asarray(repeat_targets)[users_np]
     for name, values in metrics_from_ranks(ranks, ks).items():
+        frame[name] = values.numpy()
+    return frame
+
+
+def window_per_user_frame(
+    data: SequenceData, results: dict[str, torch.Tensor], ks, evaluated_users: np.ndarray, windows
+) -> pd.DataFrame:
+    """per_user.parquet under evaluation.targets=window: one row per user with the number of
+    targets, their raw item ids (in the order first met in the window) and list positions (same
+    order; past the catalogue for a miss), the best position as `rank`, the history length
+    before the window and every metric. `windows` (recsys/data/evaluated.py) holds the targets of
+    `evaluated_users`, of which the results' users are a subset."""
+    users = results["user"].numpy().astype(np.int64)
+    counts = results["targets"].numpy().astype(np.int64)
+    flat = results["ranks"].numpy().astype(np.int64)
+    index = np.searchsorted(evaluated_users, users)
+    begins = windows.offsets[index]
+    if not (np.diff(windows.offsets)[index] == counts).all():
+        raise RuntimeError("test: the ranked targets do not match the evaluated users' window targets")
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    item_ids = [data.item_ids[windows.items[b : b + n]].tolist() for b, n in zip(begins, counts)]
+    positions = np.zeros((len(users), int(counts.max(initial=1))), dtype=np.int64)
+    column = np.arange(len(flat)) - np.repeat(bounds[:-1], counts)
+    positions[np.repeat(np.arange(len(users)), counts), column] = flat
+    frame = pd.DataFrame(
+        {
+            "user_id": data.user_ids[users],
+            "targets": counts,
+            "target_item_ids": item_ids,
+            "ranks": [flat[b:e].tolist() for b, e in zip(bounds[:-1], bounds[1:])],
+            "rank": results["rank"].numpy().astype(np.int64),
+            "history_length": windows.history_end[index] - data.offsets[users],
+        }
+    )
+    for name, values in metrics_from_positions(torch.from_numpy(positions), ks).items():
         frame[name] = values.numpy()
     return frame
 
@@ -110,6 +146,14 @@ def write_csv_atomic(frame: pd.DataFrame, path: str | os.PathLike) -> None:
 
 def write_test_results(datamodule, split: str, model, out_dir: str | os.PathLike) -> pd.DataFrame:
     """per_user.parquet and slices.csv of a model's last test pass (train.py and evaluate.py)."""
+    if "targets" in model.test_results:  # evaluation.targets=window
+        evaluated = datamodule.evaluated(split)
+        frame = window_per_user_frame(
+            datamodule.data, model.test_results, model.ks, evaluated.users, evaluated.windows
+        )
+        write_parquet_atomic(frame, os.path.join(out_dir, "per_user.parquet"))
+        write_csv_atomic(slice_metrics(frame), os.path.join(out_dir, "slices.csv"))
+        return frame
     frame = per_user_frame(
         datamodule.data,
         split,

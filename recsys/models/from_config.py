@@ -122,5 +122,6 @@ def build_model(
         item_counts=data.train_item_counts,
         sampled=dict(sampled) if sampled else None,
         item_chunk_size=evaluation.get("item_chunk_size"),
+        targets=evaluation.get("targets", "next"),
     )
     return model

@@ -32,11 +32,16 @@ from recsys.evaluation.metrics import (
     ListMetrics,
     RankingMetrics,
     check_ks,
+    check_targets,
     chunked_ranking,
+    chunked_top_k,
+    chunked_window_ranks,
+    list_positions,
     sample_unseen,
     sampled_target_ranks,
     target_ranks,
     top_k_items,
+    window_target_ranks,
 )
 from recsys.losses import check_catalogue
 from recsys.models.network import DataInfo, SequenceNetwork
@@ -115,6 +120,7 @@ class SequentialRecommender(pl.LightningModule):
         self.num_event_types = data.num_event_types
         self.ks = tuple(ks)
         check_ks(self.ks, network.num_items)
+        self.eval_targets = "next"  # evaluation.targets, set by configure_evaluation
         self.val_metrics = RankingMetrics(self.ks)
         self.test_metrics = RankingMetrics(self.ks)
         # Set by configure_evaluation (train.py / evaluate.py); tests of the model need neither.
@@ -122,7 +128,9 @@ class SequentialRecommender(pl.LightningModule):
         self.sampled_evaluation: dict | None = None
         self.sampled_metrics = RankingMetrics(self.ks)
         self.ranking_chunk_size = DEFAULT_ITEM_CHUNK_SIZE
-        # {"user", "rank"} of every user of the last test pass, from all processes, sorted by user.
+        # {"user", "rank"} of every user of the last test pass, from all processes, sorted by user;
+        # under evaluation.targets=window "rank" is each user's best list position, "targets" their
+        # target count and "ranks" the list positions of all targets, user after user.
         self.test_results: dict[str, torch.Tensor] = {}
         self._test_users: list[torch.Tensor] = []
         self._test_ranks: list[torch.Tensor] = []
@@ -214,9 +222,11 @@ class SequentialRecommender(pl.LightningModule):
         item_counts: torch.Tensor | None = None,
         sampled: dict | None = None,
         item_chunk_size: int | None = None,
+        targets: str = "next",
     ) -> None:
         """What the test pass measures besides the full-ranking metrics of the target.
 
+        targets: evaluation.targets, next (one target per user) or window (several; validation too).
         item_counts: training counts of the items, for coverage, ARP and novelty of the top-K lists.
         sampled: {num_negatives, sampler: uniform|popularity, seed} to also rank the target among
         sampled unseen items, reported as test/sampled_<sampler>_<N>/<metric> (opt-in, see metrics.py).
@@ -232,7 +242,14 @@ class SequentialRecommender(pl.LightningModule):
                     f"evaluation.item_chunk_size: must be an integer >= 1, got {item_chunk_size!r}"
                 )
             self.ranking_chunk_size = item_chunk_size
+        self.eval_targets = check_targets(targets)
+        self.val_metrics = RankingMetrics(self.ks, targets)
+        self.test_metrics = RankingMetrics(self.ks, targets)
         self.list_metrics = ListMetrics(self.ks, item_counts) if item_counts is not None else None
+        if sampled and targets == "window":
+            raise UserInputError(
+                "evaluation.sampled: ranks one target among samples; not with evaluation.targets=window"
+            )
         if not sampled:
             self.sampled_evaluation = None
             return
@@ -278,6 +295,8 @@ class SequentialRecommender(pl.LightningModule):
         """The targets' ranks (a target the batch marks as a `miss`, e.g. an item no training
         event has, ranked after every item), the top-k items (None when k is None) and a
         function giving the scores (B, n) of given items (B, n)."""
+        if batch["target"].dim() == 2:
+            return self._rank_window(batch, k)
         ranks, top, scores_of = self._rank_targets(batch, k)
         if "miss" in batch:
             ranks = torch.where(batch["miss"].to(ranks.device), self.num_items + 1, ranks)
@@ -298,6 +317,24 @@ class SequentialRecommender(pl.LightningModule):
         scores = network.score(batch["history"], **self.history_features(batch)).float()
         top = None if k is None else top_k_items(scores, exclude, k)
         return target_ranks(scores, target, exclude), top, lambda index: scores.gather(1, index)
+
+    def _rank_window(
+        self, batch: dict[str, torch.Tensor], k: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, None]:
+        """evaluation.targets=window: the (B, T) list positions of each user's targets (0 where a
+        user has fewer; see recsys/evaluation/metrics.py) and the top-k items (None when k is None)."""
+        targets, exclude = batch["target"], batch["exclude"]
+        network = self.network
+        if network.scores_by_dot_product:
+            queries = network.user_vectors(batch["history"], **self.history_features(batch)).float()
+            items = network.item_vectors().float()
+            ranks = chunked_window_ranks(queries, items, targets, exclude, self.ranking_chunk_size)
+            top = None if k is None else chunked_top_k(queries, items, exclude, k, self.ranking_chunk_size)[1]
+        else:
+            scores = network.score(batch["history"], **self.history_features(batch)).float()
+            ranks = window_target_ranks(scores, targets, exclude)
+            top = None if k is None else top_k_items(scores, exclude, k)
+        return list_positions(ranks, batch["miss"].to(ranks.device), self.num_items), top, None
 
     def _reduce_sum(self, totals: torch.Tensor) -> torch.Tensor:
         # Called at every epoch end on every rank, also on a rank that had only an empty batch.
@@ -368,7 +405,7 @@ class SequentialRecommender(pl.LightningModule):
                 sampled_target_ranks(scores_of(batch["target"][:, None]), scores_of(negatives))
             )
         self._test_users.append(batch["user"].cpu())
-        self._test_ranks.append(ranks.cpu())
+        self._test_ranks.append(ranks.cpu())  # (B,) or, several targets per user, (B, T)
 
     def on_test_epoch_end(self) -> None:
         results = self.test_metrics.compute(self._reduce_sum)
@@ -378,11 +415,28 @@ class SequentialRecommender(pl.LightningModule):
             sampled = self.sampled_metrics.compute(self._reduce_sum)
             results.update({f"{self.sampled_label}/{name}": value for name, value in sampled.items()})
         self.log_dict({f"test/{name}": value for name, value in results.items()}, sync_dist=False)
-        local_users = torch.cat(self._test_users) if self._test_users else torch.zeros(0, dtype=torch.long)
-        local_ranks = torch.cat(self._test_ranks) if self._test_ranks else torch.zeros(0, dtype=torch.long)
-        users, ranks = self._gather_cat(local_users), self._gather_cat(local_ranks)
+        empty = torch.zeros(0, dtype=torch.long)
+        local_users = torch.cat(self._test_users) if self._test_users else empty
+        if self.eval_targets == "window":
+            # Each user's target count and the positions of the targets, flattened user by user.
+            counts = [(r > 0).sum(dim=1) for r in self._test_ranks]
+            local_counts = torch.cat(counts) if counts else empty
+            local_ranks = torch.cat([r[r > 0] for r in self._test_ranks]) if counts else empty
+        else:
+            local_counts = local_ranks = torch.cat(self._test_ranks) if self._test_ranks else empty
+        users, counts, ranks = (self._gather_cat(v) for v in (local_users, local_counts, local_ranks))
         order = torch.argsort(users, stable=True)
-        users, ranks = users[order], ranks[order]
+        users = users[order]
         if len(users) > 1 and bool((users[1:] == users[:-1]).any()):
             raise RuntimeError("test: a user was evaluated more than once (duplicated across processes)")
-        self.test_results = {"user": users, "rank": ranks}
+        if self.eval_targets != "window":
+            self.test_results = {"user": users, "rank": ranks[order]}
+            return
+        begins = torch.cumsum(counts, 0) - counts
+        segments = [ranks[b : b + n] for b, n in zip(begins[order].tolist(), counts[order].tolist())]
+        self.test_results = {
+            "user": users,
+            "rank": torch.stack([s.min() for s in segments]) if segments else empty,
+            "targets": counts[order],
+            "ranks": torch.cat(segments) if segments else empty,
+        }
