@@ -12,6 +12,7 @@ from recsys.evaluation.metrics import (
     metrics_from_positions,
     metrics_from_ranks,
     target_ranks,
+    top_k_items,
     window_target_ranks,
 )
 
@@ -138,13 +139,17 @@ def test_chunked_window_ranks_equal_the_plain_reference_over_random_shapes(seed)
     scores = queries @ items.T
     chunk = int(torch.randint(1, num_items + 2, (1,), generator=generator))
     reference = window_target_ranks(scores, targets, exclude)
-    assert chunked_window_ranks(queries, items, targets, exclude, chunk).tolist() == reference.tolist()
+    ranks, top = chunked_window_ranks(queries, items, targets, exclude, 3, chunk)
+    assert ranks.tolist() == reference.tolist()
+    # The lists leave out only the excluded items: the targets are recommended like any other.
+    expected = top_k_items(scores, exclude, 3)
+    assert torch.equal(scores.gather(1, top), scores.gather(1, expected))
 
 
 def test_chunked_window_ranks_put_a_nan_target_last():
     queries = torch.tensor([[1.0, 0.0]])
     items = torch.tensor([[0.0, 0.0], [1.0, 0.0], [float("nan"), 0.0], [0.5, 0.0], [0.2, 0.0]])
-    ranks = chunked_window_ranks(queries, items, torch.tensor([[2, 4]]), torch.tensor([[1]]), 2)
+    ranks, _ = chunked_window_ranks(queries, items, torch.tensor([[2, 4]]), torch.tensor([[1]]), None, 2)
     assert ranks.tolist() == [[2, 2]]  # candidates: item 3 only; the NaN target after it
 
 

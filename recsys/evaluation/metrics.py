@@ -254,21 +254,33 @@ def _chunked_pass(queries, item_vectors, target, exclude, k, chunk_size):
                 at_target_below = below[rows, (target - begin).clamp(0, size - 1)]
                 above += size - below.sum(dim=1) - (is_target & ~at_target_below).long()
             if k is not None:
-                top = scores.topk(min(k, size), dim=1)
-                items = top.indices + begin
-                if best_scores is not None:
-                    merged_scores = torch.cat([best_scores, top.values], dim=1)
-                    merged = merged_scores.topk(min(k, merged_scores.size(1)), dim=1)
-                    best_items = torch.cat([best_items, items], dim=1).gather(1, merged.indices)
-                    best_scores = merged.values
-                else:
-                    best_scores, best_items = top.values, items
+                best_scores, best_items = _merge_top_k(scores, begin, k, best_scores, best_items)
         if target is None:
             return None, best_scores, best_items
         ranks = 1 + above
         if bool(broken.any()):
             ranks = torch.where(broken, _candidate_count(width, target, exclude), ranks)
     return ranks, best_scores, best_items
+
+
+def _merge_top_k(scores, begin, k, best_scores, best_items):
+    """The running top k (scores, items) after one more chunk of `scores` (items from `begin`)."""
+    top = scores.topk(min(k, scores.size(1)), dim=1)
+    items = top.indices + begin
+    if best_scores is None:
+        return top.values, items
+    merged_scores = torch.cat([best_scores, top.values], dim=1)
+    merged = merged_scores.topk(min(k, merged_scores.size(1)), dim=1)
+    return merged.values, torch.cat([best_items, items], dim=1).gather(1, merged.indices)
+
+
+def _left_out(scores: torch.Tensor, items: torch.Tensor | None, begin: int, end: int) -> None:
+    """Set to -inf the scores (B, end - begin + 1) of the rows' `items` in [begin, end); the
+    others land in the spare last column."""
+    if items is None or items.numel() == 0:
+        return
+    inside = (items >= begin) & (items < end)
+    scores.scatter_(1, torch.where(inside, items - begin, end - begin), -torch.inf)
 
 
 def chunked_top_k(
@@ -320,50 +332,65 @@ def chunked_window_ranks(
     item_vectors: torch.Tensor,
     targets: torch.Tensor,
     exclude: torch.Tensor | None,
+    k: int | None = None,
     chunk_size: int = 65536,
-) -> torch.Tensor:
-    """`window_target_ranks` for dot-product scores, a chunk of items at a time: the queries are
-    scored once against each chunk, and each target column counts the chunk's candidates at or
-    above it, with `chunked_ranking`'s exact comparison of near ties (float64 dot products) and its
-    float32 scores (autocast off). A target scored NaN or -inf ranks last among the candidates."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`window_target_ranks` for dot-product scores, a chunk of items at a time, and the top-k
+    items (None when k is None; the targets are among the candidates there, as in `chunked_top_k`).
+
+    The queries are scored once against each chunk; every (user, target) pair then counts the
+    chunk's candidates at or above it, a block of at most B pairs at a time (work in proportion to
+    the targets, memory as for one target per user), with `chunked_ranking`'s exact comparison of
+    near ties (float64 dot products) and its float32 scores (autocast off). A target scored NaN or
+    -inf ranks last among the candidates."""
     with torch.autocast(device_type=queries.device.type, enabled=False):
         queries, item_vectors = queries.float(), item_vectors.float()
-        batch, columns = targets.shape
+        batch = queries.size(0)
         width, dim = item_vectors.shape
-        rows = torch.arange(batch, device=queries.device)
-        exact_target = _exact_dot(
-            queries.repeat_interleave(columns, dim=0), item_vectors[targets.reshape(-1)]
-        ).view(batch, columns)
-        target_score = exact_target.float()
+        pair_rows, pair_columns = (targets > 0).nonzero(as_tuple=True)
+        pair_items = targets[pair_rows, pair_columns]
+        exact_target = _exact_dot(queries[pair_rows], item_vectors[pair_items])
+        target_score = exact_target.float()[:, None]
         bound = queries.norm(dim=1) * item_vectors.norm(dim=1).max()
-        tolerance = (dim * 2.0**-23 * bound)[:, None]
-        # Items that are not candidates of a row: its excluded items and its targets.
-        left_out = targets if exclude is None or exclude.numel() == 0 else torch.cat([exclude, targets], 1)
-        above = torch.zeros(batch, columns, dtype=torch.long, device=queries.device)
+        tolerance = (dim * 2.0**-23 * bound)[pair_rows, None]
+        above = torch.zeros(len(pair_rows), dtype=torch.long, device=queries.device)
+        k = None if k is None else min(k, width - 1)
+        best_scores = best_items = None
         for begin in range(0, width, chunk_size):
             end = min(begin + chunk_size, width)
             size = end - begin
             scores = torch.cat([queries @ item_vectors[begin:end].T, queries.new_zeros(batch, 1)], 1)
-            inside = (left_out >= begin) & (left_out < end)  # others land in the spare last column
-            scores.scatter_(1, torch.where(inside, left_out - begin, size), -torch.inf)
-            scores = scores[:, :size]
             if begin == 0:
                 scores[:, 0] = -torch.inf  # padding
-            for column in range(columns):
-                score = target_score[:, column : column + 1]
-                below = scores < score  # NaN < t is False: NaN scores count as above
-                near = ((scores - score).abs() <= tolerance) & scores.isfinite()
-                near_rows, near_items = near.nonzero(as_tuple=True)
-                if near_rows.numel():
-                    exact = _exact_dot(queries[near_rows], item_vectors[begin + near_items])
-                    below[near_rows, near_items] = exact < exact_target[near_rows, column]
-                above[:, column] += size - below.sum(dim=1)
+            _left_out(scores, exclude, begin, end)
+            if k is not None:  # the recommended lists: every candidate, the targets too
+                best_scores, best_items = _merge_top_k(scores[:, :size], begin, k, best_scores, best_items)
+            _left_out(scores, targets, begin, end)  # not counted against each other
+            scores = scores[:, :size]
+            for first in range(0, len(pair_rows), max(batch, 1)):
+                block = slice(first, first + batch)
+                rows = scores[pair_rows[block]]
+                score = target_score[block]
+                below = rows < score  # NaN < t is False: NaN scores count as above
+                near = ((rows - score).abs() <= tolerance[block]) & rows.isfinite()
+                near_pairs, near_items = near.nonzero(as_tuple=True)
+                if near_pairs.numel():
+                    query_rows = pair_rows[block][near_pairs]
+                    exact = _exact_dot(queries[query_rows], item_vectors[begin + near_items])
+                    below[near_pairs, near_items] = exact < exact_target[block][near_pairs]
+                above[block] += size - below.sum(dim=1)
         ranks = 1 + above
         broken = exact_target.isnan() | (exact_target == -torch.inf)
         if bool(broken.any()):
-            last = _candidate_count(width, torch.zeros_like(rows), left_out) + 1
-            ranks = torch.where(broken, last[:, None], ranks)
-    return torch.where(targets > 0, ranks, 0)
+            left_out = (
+                targets if exclude is None or exclude.numel() == 0 else torch.cat([exclude, targets], 1)
+            )
+            nothing = torch.zeros(batch, dtype=torch.long, device=queries.device)
+            last = _candidate_count(width, nothing, left_out) + 1
+            ranks = torch.where(broken, last[pair_rows], ranks)
+        out = torch.zeros_like(targets)
+        out[pair_rows, pair_columns] = ranks
+    return out, best_items
 
 
 def list_positions(ranks: torch.Tensor, miss: torch.Tensor | None, num_items: int) -> torch.Tensor:

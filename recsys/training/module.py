@@ -34,7 +34,6 @@ from recsys.evaluation.metrics import (
     check_ks,
     check_targets,
     chunked_ranking,
-    chunked_top_k,
     chunked_window_ranks,
     list_positions,
     sample_unseen,
@@ -328,8 +327,7 @@ class SequentialRecommender(pl.LightningModule):
         if network.scores_by_dot_product:
             queries = network.user_vectors(batch["history"], **self.history_features(batch)).float()
             items = network.item_vectors().float()
-            ranks = chunked_window_ranks(queries, items, targets, exclude, self.ranking_chunk_size)
-            top = None if k is None else chunked_top_k(queries, items, exclude, k, self.ranking_chunk_size)[1]
+            ranks, top = chunked_window_ranks(queries, items, targets, exclude, k, self.ranking_chunk_size)
         else:
             scores = network.score(batch["history"], **self.history_features(batch)).float()
             ranks = window_target_ranks(scores, targets, exclude)

@@ -94,7 +94,9 @@ def test_cold_items_in_the_window_are_dropped_or_kept_as_misses(tmp_path):
     row = int(np.flatnonzero(batch["user"].numpy() == user)[0])
     planted = int(np.flatnonzero(kept.data.item_ids == PLANTED)[0])
     assert batch["miss"][row][batch["target"][row] == planted].all()
-    model = module(MostPopular(DataInfo(num_items=kept.num_items, train_item_counts=kept.train_item_counts())))
+    model = module(
+        MostPopular(DataInfo(num_items=kept.num_items, train_item_counts=kept.train_item_counts()))
+    )
     model.configure_evaluation(targets="window")
     positions, _, _ = model._rank(batch, None)
     assert positions[row][batch["target"][row] == planted].item() == kept.num_items + 1
