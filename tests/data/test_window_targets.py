@@ -12,6 +12,7 @@ from recsys.models.network import DataInfo
 from recsys.models.popular import MostPopular
 from tests.builders import module
 from tests.data.test_time_split import DAY, PLANTED, datamodule, write_log
+from tests.test_ddp import DDP_CPU
 from tests.test_entrypoints import common, run
 
 
@@ -144,6 +145,13 @@ def test_a_window_run_writes_one_row_per_user_and_compares_paired(tmp_path):
     run("evaluate.py", checkpoint, f"hydra.run.dir={tmp_path / 'again'}", *common(tmp_path))
     again = pd.read_json(tmp_path / "again" / "metrics.json", typ="series")
     assert again["test/ndcg@10"] == metrics["test/ndcg@10"]
+    # Two processes, small batches dealt between them: the same rows, targets and positions.
+    two = tmp_path / "two"
+    run("evaluate.py", checkpoint, "batch_size=4", *DDP_CPU, f"hydra.run.dir={two}", *common(tmp_path))
+    pd.testing.assert_frame_equal(pd.read_parquet(two / "per_user.parquet"), per_user)
+    assert pd.read_json(two / "metrics.json", typ="series")["test/ndcg@10"] == pytest.approx(
+        metrics["test/ndcg@10"], abs=1e-12
+    )
     run(
         "evaluate.py",
         checkpoint,
