@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from recsys.data.item_features import ItemFeatures
 from recsys.errors import UserInputError
 from recsys.evaluation.metrics import top_k_items
 from recsys.models.bert4rec import BERT4Rec
@@ -31,8 +32,31 @@ MODELS = {
     "sasrec_from_end": lambda: SASRec(DataInfo(NUM_ITEMS), max_len=MAX_LEN, dim=16, positions_from_end=True),
     "bert4rec": lambda: BERT4Rec(DataInfo(NUM_ITEMS), max_len=MAX_LEN, dim=16),
     "gru4rec": lambda: GRU4Rec(DataInfo(NUM_ITEMS), max_len=MAX_LEN, dim=16),
+    "sasrec_attributes": lambda: SASRec(
+        DataInfo(NUM_ITEMS, item_features=attributes()), max_len=MAX_LEN, dim=16
+    ),
+    "sasrec_attributes_only": lambda: SASRec(
+        DataInfo(NUM_ITEMS, item_features=attributes()), max_len=MAX_LEN, dim=16, item_id=False
+    ),
+    "bert4rec_attributes": lambda: BERT4Rec(
+        DataInfo(NUM_ITEMS, item_features=attributes()), max_len=MAX_LEN, dim=16
+    ),
     "popular": lambda: MostPopular(DataInfo(NUM_ITEMS, train_item_counts=torch.arange(NUM_ITEMS + 1))),
 }
+
+
+def attributes() -> ItemFeatures:
+    """Two to four of 12 attributes per item, item 7 none (data.item_features)."""
+    rng = np.random.default_rng(0)
+    rows = [[]] + [sorted(rng.choice(12, rng.integers(2, 5), replace=False) + 1) for _ in range(NUM_ITEMS)]
+    rows[7] = []
+    return ItemFeatures(
+        offsets=np.cumsum([0] + [len(r) for r in rows]).astype(np.int64),
+        values=np.array([v for r in rows for v in r], dtype=np.int32),
+        vocabulary=np.array([""] + [f"attribute={i}" for i in range(1, 13)]),
+        extra_item_ids=np.array([], dtype=str),
+        num_items=NUM_ITEMS,
+    )
 
 
 def make_model(name: str):

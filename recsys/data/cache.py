@@ -8,6 +8,9 @@ half-written cache behind, and it is mapped into memory when read, so the proces
 share one copy. Checkpoints record the fingerprint of the data they were trained on, and are
 refused on data with another one.
 
+Item attributes (`data.item_features`) are cached beside the data they were aligned with, and
+enter the fingerprint checkpoints record (`with_item_features`).
+
 Preprocessing runs in the engine (recsys/data/engine.py) under `memory_limit`, with its scratch
 files beside the cache; the memory limit does not change the result, so it is not in the
 fingerprint.
@@ -26,6 +29,7 @@ from typing import Any
 
 from recsys.data.engine import AUTO, Engine
 from recsys.data.formats import Source, describe, read_interactions
+from recsys.data.item_features import FeatureSource, ItemFeatures, align_item_features, read_item_features
 from recsys.data.preprocess import PREPROCESS_VERSION, PreprocessSettings, preprocess
 from recsys.data.sequences import SequenceData
 
@@ -84,3 +88,34 @@ def load_sequence_data(
         )
     log.info("data %s: %s", name, data.stats)
     return data
+
+
+def with_item_features(key: str, features: FeatureSource | None) -> str:
+    """The fingerprint a checkpoint records for data `key` read with `features` (data.item_features):
+    `key` itself without features, so that every existing fingerprint stays what it was."""
+    if features is None:
+        return key
+    payload = {"data": key, "item_features": features.describe()}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def load_item_features(
+    name: str, features: FeatureSource, data: SequenceData, cache_dir: str | os.PathLike | None
+) -> ItemFeatures:
+    """data.item_features read and aligned with `data`'s catalogue; cached beside the data (a
+    directory named by both fingerprints, written atomically), mapped on a second call."""
+    key = with_item_features(data.fingerprint, features)
+    cached = (
+        Path(f"{cache_path(cache_dir, name, data.fingerprint)}.features-{key[:20]}") if cache_dir else None
+    )
+    if cached is not None and cached.is_dir():
+        try:
+            return ItemFeatures.load(cached)
+        except (OSError, ValueError, KeyError) as err:  # an unreadable cache is rebuilt, not fatal
+            log.warning("data %s: rebuilding unreadable item features %s (%s)", name, cached, err)
+            shutil.rmtree(cached, ignore_errors=True)
+    aligned = align_item_features(read_item_features(features), data.item_ids, features.path)
+    log.info("data %s: item features %s", name, aligned.stats)
+    if cached is not None:
+        aligned.save(cached)
+    return aligned

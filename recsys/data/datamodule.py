@@ -24,7 +24,7 @@ from recsys.data.batching import (
     train_batch_device,
     window_dtype,
 )
-from recsys.data.cache import load_sequence_data, source_fingerprint
+from recsys.data.cache import load_item_features, load_sequence_data, source_fingerprint, with_item_features
 from recsys.data.datasets import (
     EvalUsers,
     TrainWindows,
@@ -35,6 +35,7 @@ from recsys.data.engine import memory_limit_bytes
 from recsys.data.evaluated import EvaluatedUsers, evaluated_users, evaluated_windows, seen_targets
 from recsys.data.features import time_gap_buckets
 from recsys.data.formats import Source
+from recsys.data.item_features import FeatureSource, ItemFeatures
 from recsys.data.preprocess import PreprocessSettings
 from recsys.data.sequences import SequenceData
 from recsys.data.split import (
@@ -106,6 +107,7 @@ class SequenceDataModule(pl.LightningDataModule):
         time_unit: str = "s",
         cold_items: str = "drop",
         targets: str = "next",
+        item_features: dict | None = None,
     ):
         super().__init__()
         # Not a data key: train.py and evaluate.py pass evaluation.seen_items.
@@ -136,6 +138,8 @@ class SequenceDataModule(pl.LightningDataModule):
         _at_least_one("val_users", val_users, nullable=True)
         _at_least_one("sliding_window_step", sliding_window_step, nullable=True)
         self.name = name
+        self.feature_source = feature_source(item_features)
+        self.item_features: ItemFeatures | None = None
         self.source = Source(format, path, columns, sep, synthetic, test_path, times_path)
         check_event_keys(event_types, keep_events, target_events, exclude_events)
         self.settings = PreprocessSettings(
@@ -181,7 +185,7 @@ class SequenceDataModule(pl.LightningDataModule):
             self.source,
             self.settings,
             self.cache_dir,
-            key=self.source_fingerprint(),
+            key=self._sequence_key(),
             memory_limit=self.memory_limit,
         )
 
@@ -194,6 +198,8 @@ class SequenceDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.data is None:
             self.data = self._load()
+        if self.feature_source is not None and self.item_features is None:
+            self.item_features = load_item_features(self.name, self.feature_source, self.data, self.cache_dir)
         if self.split is None:  # also for data set directly (benchmarks build it in memory)
             self._split(self.data)
 
@@ -248,12 +254,18 @@ class SequenceDataModule(pl.LightningDataModule):
 
     @property
     def fingerprint(self) -> str:
+        """What a checkpoint records of its data: the data's fingerprint, with data.item_features
+        that of the features too."""
         self.setup()
-        return self.data.fingerprint
+        return with_item_features(self.data.fingerprint, self.feature_source)
 
     def source_fingerprint(self) -> str:
-        """The data's fingerprint before anything is read into memory or cached (data set in
-        memory, as benchmarks do, has no source: its own fingerprint)."""
+        """`fingerprint` before anything is read into memory or cached."""
+        return with_item_features(self._sequence_key(), self.feature_source)
+
+    def _sequence_key(self) -> str:
+        """The fingerprint of the preprocessed sequences, their cache's key (data set in memory, as
+        benchmarks do, has no source: its own fingerprint)."""
         if self.data is not None:
             return self.data.fingerprint
         if self._source_fingerprint is None:  # hashing reads the files: once per data module
@@ -503,3 +515,16 @@ def _integer_at_least_one(key: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UserInputError(f"data.{key}: must be an integer >= 1, got {value!r}")
     return value
+
+
+def feature_source(item_features: dict | None) -> FeatureSource | None:
+    """data.item_features (a mapping of FeatureSource's fields, or null), checked key by key."""
+    if item_features is None:
+        return None
+    if isinstance(item_features, str):
+        item_features = {"path": item_features}
+    known = set(FeatureSource.__dataclass_fields__)
+    unknown = sorted(set(item_features) - known)
+    if unknown:
+        raise UserInputError(f"data.item_features.{unknown[0]}: not a key; use {sorted(known)}")
+    return FeatureSource(**item_features)

@@ -14,6 +14,10 @@ position keeps its event type (the model is asked "which item was *bought* here?
 time gap, which at inference, for the appended [MASK], is unknown; the appended [MASK] carries the
 type of the event being predicted. With `data.target_events`, only positions whose event is of a
 target type are hidden (never a window's first item, which no model predicts).
+
+With item attributes in the data (`data.item_features`), item vectors add the mean of the item's
+attribute embeddings, or with `model.item_id=false` are that mean alone
+(recsys/models/item_attributes.py).
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from recsys.errors import UserInputError
 from recsys.models.events import BehaviourEmbedding
+from recsys.models.item_attributes import item_attributes, item_table
 from recsys.models.network import DataInfo, SequenceNetwork, flat_positions, keep_last_positions, position_ids
 from recsys.models.transformer import TransformerBlock, init_weights
 
@@ -66,6 +72,8 @@ class BERT4Rec(SequenceNetwork):
         item_bias: bool = False,
         event_embedding: bool = False,
         time_gaps: bool = False,
+        item_id: bool = True,
+        item_features: bool = True,
     ):
         super().__init__(data, max_len)
         self.check_options({"mask_prob": mask_prob, "last_only_prob": last_only_prob})
@@ -78,7 +86,7 @@ class BERT4Rec(SequenceNetwork):
         # As in SASRec: item embeddings times sqrt(dim), so that with init std 0.02 item identity
         # outweighs the position signal in the sum.
         self.embedding_scale = dim**0.5 if scale_embeddings else 1.0
-        self.item_embedding = nn.Embedding(num_items + 2, dim, padding_idx=0)
+        self.item_embedding = nn.Embedding(num_items + 2, dim, padding_idx=0) if item_id else None
         # max_len history items plus the [MASK] appended at inference.
         self.position_embedding = nn.Embedding(max_len + 1, dim)
         self.embedding_norm = nn.LayerNorm(dim)
@@ -100,6 +108,21 @@ class BERT4Rec(SequenceNetwork):
             self.head_transform = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim))
             init_weights(self.head_transform, init_std)
         self.item_bias = nn.Parameter(torch.zeros(num_items + 1)) if item_bias else None
+        # Last, so that without attributes nothing above changes. Without ids, [MASK] (row
+        # num_items + 1, which has no attributes) gets a vector of its own.
+        self.item_attributes = item_attributes(
+            data, dim, num_items + 2, init_std, item_features, item_id, "BERT4Rec"
+        )
+        self.mask_vector = None
+        if not item_id:
+            self.mask_vector = nn.Parameter(torch.randn(dim) * init_std)
+
+    def _item_table(self) -> torch.Tensor:
+        """(num_items + 2, dim): padding, the items and [MASK]."""
+        table = item_table(self.item_embedding, self.item_attributes)
+        if self.mask_vector is None:
+            return table
+        return torch.cat([table[: self.mask_id], self.mask_vector[None].to(table.dtype)])
 
     @property
     def reads_events(self) -> bool:
@@ -110,7 +133,7 @@ class BERT4Rec(SequenceNetwork):
         """Rows 0..num_items of the embedding table: padding and the items, not [MASK]; with
         `item_bias`, each row ends in its item's offset (the queries of `_head` end in a 1), so that
         every loss and the chunked ranking score `h.e + b` as the plain dot product they compute."""
-        weights = self.item_embedding.weight[: self.num_items + 1]
+        weights = self._item_table()[: self.num_items + 1]
         if self.item_bias is None:
             return weights
         return torch.cat([weights, self.item_bias[:, None].to(weights.dtype)], dim=1)
@@ -134,7 +157,11 @@ class BERT4Rec(SequenceNetwork):
         # at inference and the last item of a training window, which mask_last always hides, then
         # share one position embedding, whatever the history's length.
         positions = position_ids(input_ids, self.positions_from_end)
-        x = self.item_embedding(input_ids) * self.embedding_scale + self.position_embedding(positions)
+        if self.item_attributes is None:
+            items = self.item_embedding(input_ids)
+        else:
+            items = F.embedding(input_ids, self._item_table())
+        x = items * self.embedding_scale + self.position_embedding(positions)
         x = self.embedding_dropout(self.embedding_norm(x + self.behaviour(events, gaps)))
         real = input_ids != 0
         for block in self.blocks:

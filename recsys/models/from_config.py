@@ -93,6 +93,7 @@ def data_info(datamodule) -> DataInfo:
         train_item_counts=datamodule.train_item_counts(),
         item_ids=datamodule.data.item_ids,
         fingerprint=datamodule.fingerprint,
+        item_features=datamodule.item_features,
         recent_item_counts=datamodule.recent_item_counts if datamodule.protocol_name == "time" else None,
     )
 

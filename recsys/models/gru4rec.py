@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from recsys.models.item_attributes import embed_items, item_attributes, item_table
 from recsys.models.network import (
     DataInfo,
     SequenceNetwork,
@@ -31,10 +32,12 @@ class GRU4Rec(SequenceNetwork):
         num_layers: int = 1,
         dropout: float = 0.2,
         init_std: float = 0.02,
+        item_id: bool = True,
+        item_features: bool = True,
     ):
         super().__init__(data, max_len)
         hidden_dim = hidden_dim or dim
-        self.item_embedding = nn.Embedding(data.num_items + 1, dim, padding_idx=0)
+        self.item_embedding = nn.Embedding(data.num_items + 1, dim, padding_idx=0) if item_id else None
         self.input_dropout = nn.Dropout(dropout)
         self.gru = nn.GRU(
             dim, hidden_dim, num_layers, batch_first=True, dropout=dropout if num_layers > 1 else 0.0
@@ -43,13 +46,19 @@ class GRU4Rec(SequenceNetwork):
         self.project = nn.Linear(hidden_dim, dim) if hidden_dim != dim else nn.Identity()
         # Small embeddings, as for SASRec: tied N(0, 1) embeddings stall learning. The GRU keeps
         # PyTorch's own initialisation.
-        nn.init.normal_(self.item_embedding.weight, std=init_std)
-        with torch.no_grad():
-            self.item_embedding.weight[0].zero_()
+        if item_id:
+            nn.init.normal_(self.item_embedding.weight, std=init_std)
+            with torch.no_grad():
+                self.item_embedding.weight[0].zero_()
+        # Last: without attributes nothing above changes (recsys/models/item_attributes.py).
+        self.item_attributes = item_attributes(
+            data, dim, data.num_items + 1, init_std, item_features, item_id, "GRU4Rec"
+        )
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Outputs (B, L, dim) for right-padded item ids (B, L)."""
-        states, _ = self.gru(self.input_dropout(self.item_embedding(input_ids)))
+        items = embed_items(input_ids, self.item_embedding, self.item_attributes)
+        states, _ = self.gru(self.input_dropout(items))
         return self.project(self.output_dropout(states))
 
     def training_outputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,4 +71,4 @@ class GRU4Rec(SequenceNetwork):
         return last_real_position(self(history), history)
 
     def item_vectors(self) -> torch.Tensor:
-        return self.item_embedding.weight
+        return item_table(self.item_embedding, self.item_attributes)

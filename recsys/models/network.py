@@ -35,6 +35,7 @@ class DataInfo:
     train_item_counts: (num_items + 1,) interactions of each item in the training part.
     item_ids: (num_items + 1,) original id of each index (entry 0 for padding), for serving.
     recent_item_counts: under data.split=time, the training counts of the last N days only.
+    item_features: the items' attributes (data.item_features), for models that use them.
     fingerprint: the data's cache fingerprint; evaluate.py refuses a checkpoint of other data.
     """
 
@@ -46,6 +47,8 @@ class DataInfo:
     # the validation cut (a recency popularity); None where the data has no such cut.
     recent_item_counts: Callable[[float], torch.Tensor] | None = field(default=None, repr=False)
     fingerprint: str = ""
+    # data.item_features: the items' attributes in CSR rows (recsys/data/item_features.py), or None.
+    item_features: Any = field(default=None, repr=False)
 
 
 class SequenceNetwork(nn.Module):

@@ -8,6 +8,10 @@ computed but never used. Scores are dot products with the (tied) item embeddings
 On event-typed data (browse vs buy) the input of each position can also carry its event type and
 time gap (`model.event_embedding`, `model.time_gaps`; recsys/models/events.py), and the loss counts
 only the positions the data module marks as targets (`target_mask`, from `data.target_events`).
+
+With item attributes in the data (`data.item_features`), an item's vector adds the mean of its
+attribute embeddings to its id embedding, or with `model.item_id=false` is that mean alone
+(recsys/models/item_attributes.py).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 from torch import nn
 
 from recsys.models.events import BehaviourEmbedding
+from recsys.models.item_attributes import embed_items, item_attributes, item_table
 from recsys.models.network import (
     DataInfo,
     SequenceNetwork,
@@ -45,11 +50,13 @@ class SASRec(SequenceNetwork):
         scale_embeddings: bool = True,
         event_embedding: bool = False,
         time_gaps: bool = False,
+        item_id: bool = True,
+        item_features: bool = True,
     ):
         super().__init__(data, max_len)
         self.positions_from_end = positions_from_end
         self.embedding_scale = dim**0.5 if scale_embeddings else 1.0
-        self.item_embedding = nn.Embedding(data.num_items + 1, dim, padding_idx=0)
+        self.item_embedding = nn.Embedding(data.num_items + 1, dim, padding_idx=0) if item_id else None
         self.position_embedding = nn.Embedding(max_len, dim)
         self.embedding_dropout = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
@@ -61,6 +68,10 @@ class SASRec(SequenceNetwork):
         # Last, so that with both switches off nothing about the model changes.
         self.behaviour = BehaviourEmbedding(dim, data.num_event_types, event_embedding, time_gaps)
         init_weights(self, init_std)
+        # After every other weight's initialisation: without attributes nothing above changes.
+        self.item_attributes = item_attributes(
+            data, dim, data.num_items + 1, init_std, item_features, item_id, "SASRec"
+        )
 
     @property
     def reads_events(self) -> bool:
@@ -77,7 +88,8 @@ class SASRec(SequenceNetwork):
         # From the end, position 0 is the most recent item, as in the original left-padded SASRec:
         # the item the next one is predicted from always has the same position embedding.
         positions = position_ids(input_ids, self.positions_from_end)
-        x = self.item_embedding(input_ids) * self.embedding_scale + self.position_embedding(positions)
+        items = embed_items(input_ids, self.item_embedding, self.item_attributes)
+        x = items * self.embedding_scale + self.position_embedding(positions)
         x = self.embedding_dropout(x + self.behaviour(events, gaps))
         for block in self.blocks:
             x = block(x, is_causal=True)
@@ -100,4 +112,4 @@ class SASRec(SequenceNetwork):
         return last_real_position(self(history, events, gaps), history)
 
     def item_vectors(self) -> torch.Tensor:
-        return self.item_embedding.weight
+        return item_table(self.item_embedding, self.item_attributes)

@@ -30,6 +30,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from recsys.data.datasets import EvalUsers, gather_windows
+from recsys.data.item_features import ItemFeatures
 from recsys.data.sequences import SequenceData
 from recsys.data.split import EventSplit
 from recsys.errors import UserInputError
@@ -77,6 +78,25 @@ def load_run_config(ckpt_path: Path, run_dir: str | Path | None) -> DictConfig:
     if not config.is_file():
         raise UserInputError(f"run_dir: {config} not found (the config.yaml that train.py wrote)")
     return OmegaConf.load(config)
+
+
+def checkpoint_item_features(checkpoint: dict) -> ItemFeatures | None:
+    """The item attributes a checkpoint's network was built with (its state holds their lists and
+    the checkpoint their names), or None for a model without attributes."""
+    state = checkpoint["state_dict"]
+    if "network.item_attributes.offsets" not in state:
+        return None
+    rows = state["network.item_attributes.embedding.weight"].shape[0]
+    vocabulary = checkpoint.get("item_attribute_vocabulary") or [""] + [
+        f"attribute {i}" for i in range(1, rows)
+    ]
+    return ItemFeatures(
+        offsets=state["network.item_attributes.offsets"].numpy(),
+        values=state["network.item_attributes.values"].numpy().astype(np.int32),
+        vocabulary=np.asarray(vocabulary, dtype=str),
+        extra_item_ids=np.array([], dtype=str),
+        num_items=int(checkpoint["num_items"]),
+    )
 
 
 class Recommender:
@@ -139,6 +159,7 @@ class Recommender:
             fingerprint=str(checkpoint.get("data_fingerprint", "")),
             # A recency popularity's counts are in the checkpoint's state, loaded below.
             recent_item_counts=lambda days: torch.zeros(int(checkpoint["num_items"]) + 1),
+            item_features=checkpoint_item_features(checkpoint),
         )
         model = build_model(cfg, data, evaluation={})
         if model.network.reads_events:

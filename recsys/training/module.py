@@ -117,6 +117,8 @@ class SequentialRecommender(pl.LightningModule):
             else {"item_ids": data.item_ids, "train_item_counts": data.train_item_counts}
         )
         self.num_event_types = data.num_event_types
+        features = data.item_features if getattr(network, "item_attributes", None) is not None else None
+        self.attribute_vocabulary = None if features is None else [str(t) for t in features.vocabulary]
         self.ks = tuple(ks)
         check_ks(self.ks, network.num_items)
         self.eval_targets = "next"  # evaluation.targets, set by configure_evaluation
@@ -204,6 +206,8 @@ class SequentialRecommender(pl.LightningModule):
             )
             checkpoint["train_item_counts"] = torch.as_tensor(self.catalogue["train_item_counts"])
         checkpoint["num_event_types"] = int(self.num_event_types)
+        if self.attribute_vocabulary is not None:  # what each attribute embedding stands for
+            checkpoint["item_attribute_vocabulary"] = self.attribute_vocabulary
         # So that a resumed run weighs its batches exactly as the uninterrupted run would have.
         checkpoint["targets_seen"] = self._targets_seen
         checkpoint["batches_seen"] = self._batches_seen

@@ -1,0 +1,139 @@
+"""Item vectors made of ids and attributes (data.item_features; recsys/models/item_attributes.py)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from recsys.data.item_features import ItemFeatures
+from recsys.errors import UserInputError
+from recsys.models.bert4rec import BERT4Rec
+from recsys.models.gru4rec import GRU4Rec
+from recsys.models.network import DataInfo
+from recsys.models.sasrec import SASRec
+from recsys.serving.recommend import Recommender
+from tests.builders import module
+from tests.test_entrypoints import common, run, train_overrides
+
+NUM_ITEMS = 6
+# Attributes of items 1..6 (0 is padding): items 2 and 5 share theirs, item 6 has none.
+ATTRIBUTES = [[], [1, 2], [3], [1, 4], [2], [3], []]
+
+
+def features() -> ItemFeatures:
+    counts = [len(a) for a in ATTRIBUTES]
+    return ItemFeatures(
+        offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        values=np.array([v for a in ATTRIBUTES for v in a], dtype=np.int32),
+        vocabulary=np.array(["", "brand=a", "brand=b", "category=x", "category=y"]),
+        extra_item_ids=np.array([], dtype=str),
+        num_items=NUM_ITEMS,
+        stats={},
+    )
+
+
+def data(with_features: bool = True) -> DataInfo:
+    return DataInfo(num_items=NUM_ITEMS, item_features=features() if with_features else None)
+
+
+NETWORKS = [
+    (SASRec, {"max_len": 5, "dim": 8}),
+    (BERT4Rec, {"max_len": 5, "dim": 8, "num_heads": 2}),
+    (GRU4Rec, {"max_len": 5, "dim": 8}),
+]
+
+
+@pytest.mark.parametrize(("network", "options"), NETWORKS)
+def test_without_attributes_the_model_is_the_id_only_model(network, options):
+    torch.manual_seed(0)
+    plain = network(data(False), **options).state_dict()
+    torch.manual_seed(0)
+    switched_off = network(data(True), item_features=False, **options).state_dict()
+    assert switched_off.keys() == plain.keys()
+    assert all(torch.equal(switched_off[k], plain[k]) for k in plain)
+    torch.manual_seed(0)
+    with_attributes = network(data(True), **options).state_dict()
+    # The attribute table comes last: every other weight starts where it did.
+    assert all(torch.equal(with_attributes[k], plain[k]) for k in plain)
+    assert any(k.startswith("item_attributes.") for k in with_attributes)
+
+
+@pytest.mark.parametrize(("network", "options"), NETWORKS)
+def test_an_item_vector_is_its_id_plus_the_mean_of_its_attributes(network, options):
+    model = network(data(), **options)
+    table = model.item_attributes.embedding.weight
+    ids = model.item_embedding.weight
+    vectors = model.item_vectors()
+    assert vectors.shape[0] == NUM_ITEMS + 1
+    for item, attributes in enumerate(ATTRIBUTES):
+        pooled = table[attributes].mean(dim=0) if attributes else torch.zeros(table.size(1))
+        assert torch.allclose(vectors[item, : table.size(1)], ids[item] + pooled, atol=1e-6)
+
+
+@pytest.mark.parametrize(("network", "options"), NETWORKS)
+def test_without_ids_items_with_the_same_attributes_score_the_same(network, options):
+    model = network(data(), item_id=False, **options).eval()
+    history = torch.tensor([[1, 3, 4, 0], [5, 2, 0, 0]])
+    scores = model.user_vectors(history) @ model.item_vectors().T
+    assert torch.equal(scores[:, 2], scores[:, 5])  # items 2 and 5 share their attributes
+    # And as inputs: swapping item 2 for item 5 in a history changes nothing.
+    swapped = torch.where(history == 2, 5, history)
+    assert torch.allclose(model.user_vectors(swapped), model.user_vectors(history))
+
+
+@pytest.mark.parametrize(("network", "options"), NETWORKS)
+def test_training_reaches_the_attribute_embeddings(network, options):
+    model = module(network(data(), **options), ks=(1, 5))
+    batch = {
+        "input_ids": torch.tensor([[1, 2, 3, 0], [4, 5, 0, 0]]),
+        "target_ids": torch.tensor([[2, 3, 4, 0], [5, 6, 0, 0]]),
+    }
+    queries, targets = model.network.training_outputs(batch)
+    model.loss(queries, targets, model.network.item_vectors()).backward()
+    gradient = model.network.item_attributes.embedding.weight.grad
+    assert gradient[1:].abs().sum() > 0 and gradient[0].abs().sum() == 0  # padding never learns
+
+
+def test_bert4rec_without_ids_keeps_a_mask_vector_of_its_own():
+    model = BERT4Rec(data(), item_id=False, max_len=5, dim=8, num_heads=2)
+    table = model._item_table()
+    assert table.shape[0] == NUM_ITEMS + 2
+    assert torch.equal(table[NUM_ITEMS + 1], model.mask_vector)
+    assert model.item_vectors().shape[0] == NUM_ITEMS + 1
+
+
+@pytest.mark.parametrize(("network", "options"), NETWORKS)
+def test_no_ids_and_no_attributes_is_a_config_error(network, options):
+    with pytest.raises(UserInputError, match=r"^model.item_id: .* needs item attributes"):
+        network(data(False), item_id=False, **options)
+    with pytest.raises(UserInputError, match=r"^model.item_id: "):
+        network(data(True), item_id=False, item_features=False, **options)
+
+
+def test_a_run_with_item_features_trains_evaluates_and_serves(tmp_path):
+    # Items 1..50 of the synthetic data, a brand each (items 1 and 2 share theirs) and a category;
+    # item 51 has no interactions (an extra row) and item 7 no attributes.
+    rows = [f"{i},brand{min(i, 2) if i <= 2 else i % 9},cat{i % 4}" for i in range(1, 52) if i != 7]
+    (tmp_path / "items.csv").write_text("item,brand,category\n" + "\n".join(rows) + "\n")
+    run_dir = tmp_path / "run"
+    features = f"data.item_features={tmp_path / 'items.csv'}"
+    run("train.py", *train_overrides(tmp_path, run_dir, features, "trainer.max_epochs=1"))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    checkpoint = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)
+    assert "network.item_attributes.embedding.weight" in checkpoint["state_dict"]
+    assert "brand=brand1" in checkpoint["item_attribute_vocabulary"]
+    plain = tmp_path / "plain"
+    run("train.py", *train_overrides(tmp_path, plain, "trainer.max_epochs=1"))
+    plain_metrics = json.loads((plain / "metrics.json").read_text())
+    assert metrics["data_fingerprint"] != plain_metrics["data_fingerprint"]  # features are part of it
+    # evaluate.py rebuilds the same model from the run's data and gets the same numbers.
+    ckpt = f"ckpt_path={run_dir / 'checkpoints' / 'best.ckpt'}"
+    run("evaluate.py", ckpt, f"hydra.run.dir={tmp_path / 'eval'}", *common(tmp_path))
+    again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert again["test/ndcg@10"] == metrics["test/ndcg@10"]
+    # Serving rebuilds the model from the checkpoint alone (its attribute lists travel in it).
+    recommender = Recommender.from_checkpoint(run_dir / "checkpoints" / "best.ckpt")
+    assert recommender.network.item_attributes is not None
+    recommended = recommender.recommend([[3, 4, 5]], k=5)
+    assert len(recommended) == 5 and not set(recommended["item"]) & {3, 4, 5}
