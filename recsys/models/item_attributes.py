@@ -39,7 +39,9 @@ class ItemAttributes(nn.Module):
         self.register_buffer("offsets", torch.from_numpy(offsets.copy()))
         self.register_buffer("values", torch.from_numpy(values.copy()))
         # Index 0 is never among the values (no padding_idx: ONNX export refuses one).
-        self.embedding = nn.EmbeddingBag(features.num_attributes() + 1, dim, mode="mean", include_last_offset=True)
+        self.embedding = nn.EmbeddingBag(
+            features.num_attributes() + 1, dim, mode="mean", include_last_offset=True
+        )
         nn.init.normal_(self.embedding.weight, std=init_std)
         with torch.no_grad():
             self.embedding.weight[0].zero_()
