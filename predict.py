@@ -44,6 +44,8 @@ def predict(cfg: DictConfig, out_dir: Path) -> dict:
     if cfg.split not in HISTORY_SPLITS:
         raise UserInputError(f"split: {cfg.split!r} is not one of {list(HISTORY_SPLITS)}")
     recommender = Recommender.from_checkpoint(cfg.ckpt_path, cfg.run_dir, cfg.device, cfg.item_chunk_size)
+    if cfg.item_features:
+        recommender.add_items(cfg.item_features)
     recommender.check_k(cfg.k)
 
     if cfg.export:
@@ -56,6 +58,7 @@ def predict(cfg: DictConfig, out_dir: Path) -> dict:
             formats=list(cfg.export),
             item_ids=recommender.item_ids,
             overwrite=cfg.overwrite,
+            item_table=recommender.item_table(),
         )
         for fmt, path in written.items():
             print(f"{fmt}: {path}")

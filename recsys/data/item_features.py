@@ -18,7 +18,7 @@ the interactions engine, and every error can name its line.
 
 `align_item_features` puts them in the order of a catalogue's item indices: row r holds the
 attributes of item index r (row 0 is padding), then rows for items that have features but no
-interactions. Bad input raises `UserInputError` with one line that names the file (and the line
+interactions; a row's attribute indices ascend. Bad input raises `UserInputError` with one line that names the file (and the line
 where there is one) and what is wrong.
 """
 
@@ -221,7 +221,9 @@ def align_item_features(raw: dict[str, list[str]], item_ids: np.ndarray, where: 
     vocabulary = {token: i for i, token in enumerate(tokens, start=1)}
 
     def row_attributes(key: str | None) -> list[int]:
-        return [] if key is None else [vocabulary[token] for token in raw.get(key, ())]
+        # Ascending indices: items with the same attributes pool them in the same order, so their
+        # vectors are bit-identical (also for a new item at inference, recsys/serving/new_items.py).
+        return [] if key is None else sorted(vocabulary[token] for token in raw.get(key, ()))
 
     rows = [row_attributes(None), *(row_attributes(key) for key in catalogue), *map(row_attributes, extra)]
     lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))

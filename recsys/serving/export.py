@@ -65,11 +65,14 @@ class TopKScorer(nn.Module):
     and all `width` are excluded from the recommendations.
 
     The model must score by dot product (`user_vectors` / `item_vectors`); it is put in eval mode
-    and its item vectors are copied into the buffer `item_table` (num_items + 1, d) here, so that a
-    traced graph holds them as a constant.
+    and its item vectors (or the given `item_table`, which may add items ranked from their
+    attributes) are copied into the buffer `item_table` (candidates + 1, d) here, so that a traced
+    graph holds them as a constant.
     """
 
-    def __init__(self, model: nn.Module, k: int, width: int | None = None):
+    def __init__(
+        self, model: nn.Module, k: int, width: int | None = None, item_table: torch.Tensor | None = None
+    ):
         super().__init__()
         name = type(model).__name__
         if not getattr(model, "scores_by_dot_product", False):
@@ -83,8 +86,14 @@ class TopKScorer(nn.Module):
                 "the exported graph takes item histories only"
             )
         num_items = int(model.num_items)
-        if not 1 <= k <= num_items:
-            raise UserInputError(f"export: k must lie in 1..{num_items} (the catalogue), got {k}")
+        if item_table is None:
+            with torch.no_grad():
+                item_table = model.item_vectors()
+        # Besides the trained items, the table may hold items added from their attributes
+        # (recsys/serving/new_items.py): they are ranked like the others.
+        candidates = item_table.shape[0] - 1
+        if not 1 <= k <= candidates:
+            raise UserInputError(f"export: k must lie in 1..{candidates} (the catalogue), got {k}")
         if width is None:
             width = int(getattr(model, "max_len", None) or DEFAULT_WIDTH)
         if width < 1:
@@ -93,12 +102,11 @@ class TopKScorer(nn.Module):
         self.model = model
         self.k = int(k)
         self.width = int(width)
-        self.num_items = num_items
-        with torch.no_grad():
-            table = model.item_vectors().detach().float().clone()
-        if table.shape[0] != num_items + 1:
+        self.num_items = num_items  # what histories may hold; the table may rank more
+        table = item_table.detach().float().clone()
+        if table.shape[0] < num_items + 1:
             raise UserInputError(
-                f"export: {name}.item_vectors() has {table.shape[0]} rows, expected num_items + 1 = {num_items + 1}"
+                f"export: {name}.item_vectors() has {table.shape[0]} rows, expected at least num_items + 1 = {num_items + 1}"
             )
         self.register_buffer("item_table", table)
 
@@ -344,6 +352,7 @@ def export_model(
     item_ids: Sequence[Any] | None = None,
     overwrite: bool = False,
     width: int | None = None,
+    item_table: torch.Tensor | None = None,
 ) -> dict[str, Path]:
     """Export `model`'s top-k scorer to `out_dir` as model.ts / model.onnx (see the module docstring),
     with item_ids.json beside them when `item_ids` (num_items + 1 original ids, entry 0 padding) is
@@ -352,16 +361,17 @@ def export_model(
     chosen = check_formats(formats)
     out_dir = Path(out_dir)
     paths = {name: out_dir / FILE_NAMES[name] for name in chosen}
+    rows = model.num_items + 1 if item_table is None else item_table.shape[0]
     if item_ids is not None:
-        if len(item_ids) != model.num_items + 1:
+        if len(item_ids) != rows:
             raise UserInputError(
-                f"export: {len(item_ids)} item ids for a model of {model.num_items} items; "
-                f"expected {model.num_items + 1} (entry 0 for padding)"
+                f"export: {len(item_ids)} item ids for a model of {rows - 1} items; "
+                f"expected {rows} (entry 0 for padding)"
             )
         paths["item_ids"] = out_dir / ITEM_IDS_FILE
     for path in paths.values():
         _check_writable(path, overwrite)
-    scorer = TopKScorer(model, k, width)
+    scorer = TopKScorer(model, k, width, item_table)
     written = {}
     for name in chosen:
         written[name] = EXPORTERS[name](scorer, paths[name], overwrite=overwrite)

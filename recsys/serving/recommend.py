@@ -37,6 +37,7 @@ from recsys.errors import UserInputError
 from recsys.evaluation.metrics import chunked_top_k, top_k_items
 from recsys.models.network import DataInfo
 from recsys.runs.files import atomic_path
+from recsys.serving.new_items import NewItems, new_item_vectors
 from recsys.training.module import SequentialRecommender, upgrade_state_dict
 
 log = logging.getLogger(__name__)
@@ -123,10 +124,61 @@ class Recommender:
         # Original id -> index; ids of a numeric catalogue are matched as integers.
         self.numeric_ids = self.item_ids.dtype.kind in "iu"
         self.index_of = {item: index for index, item in enumerate(self.item_ids[1:].tolist(), start=1)}
+        self.new_item_vectors: torch.Tensor | None = None  # added by add_items
 
     @property
     def num_items(self) -> int:
+        """Items the model was trained on (indices 1..num_items)."""
         return self.model.num_items
+
+    @property
+    def num_candidates(self) -> int:
+        """Items it ranks: the trained ones and those added from their attributes (`add_items`)."""
+        return len(self.item_ids) - 1
+
+    def item_table(self) -> torch.Tensor:
+        """(num_candidates + 1, d): the network's item vectors, then the added items' vectors."""
+        table = self.network.item_vectors()
+        if self.new_item_vectors is None:
+            return table
+        return torch.cat([table.float(), self.new_item_vectors.to(table.device)])
+
+    def add_items(self, path: str | Path) -> NewItems:
+        """Rank also the items of feature file `path` that the checkpoint never saw, from their
+        attributes (recsys/serving/new_items.py); they take the indices after the catalogue's."""
+        if not self.network.scores_by_dot_product:
+            raise UserInputError(f"item_features: {path}: this model does not score items by their vectors")
+        width = self.network.item_vectors().size(1)
+        added = new_item_vectors(
+            self.network,
+            self.model.attribute_vocabulary,
+            path,
+            lambda item: self.index_of.get(self._as_catalogue_id(item)) is not None,
+            width,
+        )
+        if self.numeric_ids and all(_is_integer(i) for i in added.item_ids):
+            ids = np.asarray([int(i) for i in added.item_ids], dtype=np.int64)
+            self.item_ids = np.concatenate([self.item_ids, ids])
+        else:  # ids as text, the catalogue's too (a session's "12" then finds item 12)
+            self.numeric_ids = False
+            ids = np.asarray(added.item_ids, dtype=object)
+            self.item_ids = np.concatenate([np.asarray([str(i) for i in self.item_ids], dtype=object), ids])
+        self.index_of = {item: index for index, item in enumerate(self.item_ids[1:].tolist(), start=1)}
+        self.item_counts = torch.cat([self.item_counts, torch.zeros(len(ids), dtype=self.item_counts.dtype)])
+        vectors = added.vectors.to(self.device)
+        self.new_item_vectors = (
+            vectors if self.new_item_vectors is None else torch.cat([self.new_item_vectors, vectors])
+        )
+        log.info(
+            "item_features %s: %d new items ranked from their attributes, %d without a known attribute "
+            "left out, %d unknown attributes skipped, %d catalogue items kept as trained",
+            path,
+            len(ids),
+            added.unrankable_items,
+            added.unknown_attributes,
+            added.known_items,
+        )
+        return added
 
     @classmethod
     def from_checkpoint(
@@ -184,8 +236,8 @@ class Recommender:
     # --- ranking -----------------------------------------------------------------------------------
 
     def check_k(self, k: int) -> None:
-        if not 1 <= k <= self.num_items:
-            raise UserInputError(f"k: must lie in 1..{self.num_items} (the catalogue), got {k}")
+        if not 1 <= k <= self.num_candidates:
+            raise UserInputError(f"k: must lie in 1..{self.num_candidates} (the catalogue), got {k}")
 
     @torch.no_grad()
     def top_k(
@@ -197,7 +249,7 @@ class Recommender:
         exclude = None if exclude is None else exclude.to(self.device)
         if self.network.scores_by_dot_product:
             queries = self.network.user_vectors(history)
-            return chunked_top_k(queries, self.network.item_vectors(), exclude, k, self.item_chunk_size)
+            return chunked_top_k(queries, self.item_table(), exclude, k, self.item_chunk_size)
         scores = self.network.score(history).float()
         items = top_k_items(scores, exclude, k)
         return scores.gather(1, items), items
@@ -413,3 +465,10 @@ def read_sessions(path: str | Path) -> tuple[list, list[list]]:
         frame = frame.sort_values(["timestamp"], kind="stable")
     grouped = frame.groupby("session", sort=False)["item"].agg(list)
     return grouped.index.tolist(), grouped.tolist()
+
+
+def _is_integer(text: str) -> bool:
+    try:
+        return str(int(text)) == text.strip()
+    except ValueError:
+        return False

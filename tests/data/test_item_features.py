@@ -229,9 +229,9 @@ def test_align_rows_follow_catalogue_indices():
         [],  # padding
         ["brand=z"],  # item 30
         [],  # item 20
-        ["genre=b", "genre=a"],  # item 10
+        ["genre=a", "genre=b"],  # item 10 (indices ascend within a row)
         ["genre=c"],  # extra: 7 before 99 (by integer id)
-        ["genre=a", "brand=y"],
+        ["brand=y", "genre=a"],
     ]
     assert list(features.extra_item_ids) == ["7", "99"]
     assert features.offsets.dtype == np.int64 and features.values.dtype == np.int32

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -14,6 +15,7 @@ from recsys.models.network import DataInfo
 from recsys.models.sasrec import SASRec
 from recsys.serving.recommend import Recommender
 from tests.builders import module
+from tests.checks import Untouched, assert_user_error
 from tests.test_entrypoints import common, run, train_overrides
 
 NUM_ITEMS = 6
@@ -137,3 +139,88 @@ def test_a_run_with_item_features_trains_evaluates_and_serves(tmp_path):
     assert recommender.network.item_attributes is not None
     recommended = recommender.recommend([[3, 4, 5]], k=5)
     assert len(recommended) == 5 and not set(recommended["item"]) & {3, 4, 5}
+
+
+@pytest.fixture(scope="module")
+def attributes_only_run(tmp_path_factory):
+    """A SASRec trained on the synthetic data with attributes only (model.item_id=false)."""
+    tmp = tmp_path_factory.mktemp("attributes_only")
+    rows = [f"{i},brand{i % 7},cat{i % 5}" for i in range(1, 51)]
+    (tmp / "items.csv").write_text("item,brand,category\n" + "\n".join(rows) + "\n")
+    run_dir = tmp / "run"
+    overrides = [f"data.item_features={tmp / 'items.csv'}", "model.item_id=false", "trainer.max_epochs=1"]
+    run("train.py", *train_overrides(tmp, run_dir, *overrides))
+    return tmp, run_dir
+
+
+def test_a_new_item_with_a_known_items_attributes_gets_exactly_its_scores(attributes_only_run, tmp_path):
+    _, run_dir = attributes_only_run
+    # Item 900 is new with item 3's attributes (other order); 901 has an unknown brand but a known
+    # category; 902 has nothing the model knows: it cannot be ranked.
+    new = "item,brand,category\n900,brand3,cat3\n901,brand99,cat1\n902,brand98,cat98\n3,brand3,cat3\n"
+    (tmp_path / "new.csv").write_text(new)
+    recommender = Recommender.from_checkpoint(run_dir / "checkpoints" / "best.ckpt")
+    added = recommender.add_items(tmp_path / "new.csv")
+    assert added.item_ids == ["900", "901"] and added.unrankable_items == 1
+    assert added.known_items == 1 and added.unknown_attributes == 3
+    table = recommender.item_table()
+    assert table.shape[0] == 50 + 1 + 2
+    assert torch.equal(table[51], table[3])  # the same attributes, bit for bit
+    history = torch.tensor([[5, 9, 12, 0], [1, 2, 0, 0]])
+    queries = recommender.network.user_vectors(history)
+    scores = (queries[:, None, :] * table[None, :, :]).sum(dim=-1)
+    assert torch.equal(scores[:, 51], scores[:, 3])
+    # Recommended by their original ids, beside the catalogue's.
+    frame = recommender.recommend([[5, 9, 12]], k=53 - 4)
+    assert {900, 901} <= set(frame["item"])
+
+
+def test_new_items_are_refused_by_a_model_without_attributes(tmp_path):
+    run_dir = tmp_path / "run"
+    run("train.py", *train_overrides(tmp_path, run_dir, "trainer.max_epochs=1"))
+    (tmp_path / "new.csv").write_text("item,brand\n900,brand3\n")
+    checkpoint = f"ckpt_path={run_dir / 'checkpoints' / 'best.ckpt'}"
+    untouched = Untouched(tmp_path / "predict")
+    result = run(
+        "predict.py",
+        checkpoint,
+        f"item_features={tmp_path / 'new.csv'}",
+        f"hydra.run.dir={tmp_path / 'predict'}",
+        *common(tmp_path),
+        check=False,
+    )
+    assert_user_error(
+        result,
+        f"error: item_features: {tmp_path / 'new.csv'}: the checkpoint's model was trained without item attributes",
+        untouched,
+    )
+
+
+def test_predict_and_export_rank_new_items(attributes_only_run, tmp_path):
+    tmp, run_dir = attributes_only_run
+    (tmp_path / "new.csv").write_text("item,brand,category\n900,brand3,cat3\n")
+    (tmp_path / "sessions.csv").write_text("session,item\ns1,5\ns1,9\n")
+    checkpoint = f"ckpt_path={run_dir / 'checkpoints' / 'best.ckpt'}"
+    features = f"item_features={tmp_path / 'new.csv'}"
+    out = tmp_path / "predict"
+    run(
+        "predict.py",
+        checkpoint,
+        features,
+        f"sessions={tmp_path / 'sessions.csv'}",
+        "k=48",
+        f"hydra.run.dir={out}",
+        *common(tmp),
+    )
+    assert 900 in set(pd.read_parquet(out / "recommendations.parquet")["item"])
+    exported = tmp_path / "export"
+    run(
+        "predict.py",
+        checkpoint,
+        features,
+        "export=[torchscript]",
+        "k=5",
+        f"hydra.run.dir={exported}",
+        *common(tmp),
+    )
+    assert len(json.loads((exported / "item_ids.json").read_text())) == 52  # padding, 50 items, 1 new
