@@ -241,6 +241,12 @@ class SequenceDataModule(pl.LightningDataModule):
         self.setup()
         return self.split.cold_items(self.data) if isinstance(self.split, TimeSplit) else None
 
+    def trained_item_mask(self) -> np.ndarray | None:
+        """(num_items + 1,) bool under data.split=time: the items with an event in the training
+        part, the classes of the training loss; None under leave-one-out (every item)."""
+        mask = self.cold_item_mask()
+        return None if mask is None else ~mask
+
     @property
     def num_event_types(self) -> int:
         """Event types of the data (0 without event types); ids are 1..num_event_types."""

@@ -21,7 +21,7 @@ from torch import nn
 
 from recsys.errors import UserInputError
 from recsys.models.network import DataInfo, SequenceNetwork
-from recsys.training.module import SequentialRecommender, check_loss
+from recsys.training.module import SequentialRecommender, check_loss, training_rows
 
 # Keys of the `model` node that configure training, not the network.
 TRAINING_KEYS = ("optimizer", "scheduler", "scheduler_interval", "weight_batches_by_targets", "ks")
@@ -94,6 +94,7 @@ def data_info(datamodule) -> DataInfo:
         item_ids=datamodule.data.item_ids,
         fingerprint=datamodule.fingerprint,
         item_features=datamodule.item_features,
+        trained_items=datamodule.trained_item_mask(),
         recent_item_counts=datamodule.recent_item_counts if datamodule.protocol_name == "time" else None,
     )
 
@@ -105,7 +106,9 @@ def build_model(
     by default). The loss is built first, then the network, in the order that fixes the random
     initial weights for a seed."""
     network_class(cfg)  # a clear error for a _target_ that is not a network
-    loss = build_loss(cfg.get("loss"), data.train_item_counts)
+    # A loss that reads item counts reads those of the items it scores (see training_rows).
+    counts, rows = data.train_item_counts, training_rows(data.trained_items, data.num_items)
+    loss = build_loss(cfg.get("loss"), counts if rows is None or counts is None else counts[rows])
     # Partial, then called: Hydra would turn a dataclass argument into a dict.
     network = _instantiate(network_config(cfg.model), "model", _partial_=True)(data)
     training = {key: cfg.model[key] for key in TRAINING_KEYS if key in cfg.model}

@@ -47,6 +47,9 @@ class DataInfo:
     # the validation cut (a recency popularity); None where the data has no such cut.
     recent_item_counts: Callable[[float], torch.Tensor] | None = field(default=None, repr=False)
     fingerprint: str = ""
+    # (num_items + 1,) bool: the items with an event in the training part (None: all of them). Under a
+    # time split, items first seen after the validation cut are no class of the training loss.
+    trained_items: np.ndarray | None = field(default=None, repr=False)
     # data.item_features: the items' attributes in CSR rows (recsys/data/item_features.py), or None.
     item_features: Any = field(default=None, repr=False)
 

@@ -69,6 +69,18 @@ def check_loss(network: type[SequenceNetwork], loss: nn.Module | None) -> None:
         raise UserInputError(f"loss: {name} has nothing to train and cannot use a loss; set loss=none")
 
 
+def training_rows(trained_items: np.ndarray | None, num_items: int) -> np.ndarray | None:
+    """The rows of the item vectors a loss may score (padding first, then the trained items in
+    index order), or None when every item is one (leave-one-out: nothing changes)."""
+    if trained_items is None:
+        return None
+    trained = np.asarray(trained_items, dtype=bool).copy()
+    if len(trained) != num_items + 1:
+        raise ValueError(f"trained_items: {len(trained)} entries for {num_items} items")
+    trained[0] = True  # padding: row 0, never a class
+    return None if trained.all() else np.flatnonzero(trained)
+
+
 def upgrade_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A checkpoint's state dict with the network's weights under `network.`, whatever the
     version of the code that wrote it (see the module docstring)."""
@@ -92,8 +104,13 @@ class SequentialRecommender(pl.LightningModule):
     ):
         super().__init__()
         check_loss(type(network), loss)
+        data = data or DataInfo(network.num_items)
+        # The items training may know of: under a time split, not those first seen after the
+        # validation cut. The loss then scores the training targets against these items only
+        # (rows of the item vectors, targets renumbered): an item of the future is no class.
+        rows = training_rows(data.trained_items, network.num_items)
         if loss is not None:
-            check_catalogue(loss, network.num_items)
+            check_catalogue(loss, network.num_items if rows is None else len(rows) - 1)
         self.network = network
         self.loss = loss
         self.num_items = network.num_items
@@ -107,7 +124,15 @@ class SequentialRecommender(pl.LightningModule):
         self.optimizer_factory = optimizer or functools.partial(torch.optim.AdamW, lr=1e-3)
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
-        data = data or DataInfo(network.num_items)
+        # Not in the state dict: rebuilt from the data, as the loss is.
+        index = None
+        if rows is not None:
+            index = torch.zeros(network.num_items + 1, dtype=torch.long)
+            index[rows] = torch.arange(len(rows))
+        self.register_buffer(
+            "training_rows", None if rows is None else torch.from_numpy(rows), persistent=False
+        )
+        self.register_buffer("training_index", index, persistent=False)
         self.data_fingerprint = data.fingerprint
         # Original item ids and training counts, saved in the checkpoint, so that recommending in
         # original ids, popularity fallback included, needs no data (recsys/serving/recommend.py).
@@ -142,7 +167,10 @@ class SequentialRecommender(pl.LightningModule):
         if not self.network.trainable:
             return None  # e.g. most-popular: its counts came from the data, nothing to fit
         queries, targets = self.network.training_outputs(batch)
-        loss = self.loss(queries, targets, self.network.item_vectors())
+        items = self.network.item_vectors()
+        if self.training_rows is not None:
+            items, targets = items[self.training_rows], self.training_index[targets]
+        loss = self.loss(queries, targets, items)
         return self._weighted(loss, len(targets))
 
     def _weighted(self, loss: torch.Tensor, targets: int) -> torch.Tensor:

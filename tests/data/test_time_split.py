@@ -13,6 +13,7 @@ from recsys.errors import UserInputError
 from recsys.models.from_config import data_info
 from recsys.models.network import DataInfo
 from recsys.models.popular import MostPopular
+from recsys.models.sasrec import SASRec
 from tests.builders import module
 from tests.checks import Untouched, assert_user_error
 from tests.test_ddp import _fake_trainer
@@ -263,3 +264,21 @@ def test_two_processes_get_the_one_process_batches_with_their_misses(tmp_path):
     for rank in (0, 1):
         dm.trainer = _fake_trainer(rank, 2)
         assert batches() == alone[rank::2]
+
+
+def test_items_of_the_future_are_no_class_of_the_training_loss(tmp_path):
+    write_log(tmp_path / "log.csv")
+    dm = datamodule(tmp_path / "log.csv", device_batches=False)
+    dm.setup()
+    info = data_info(dm)
+    planted = int(np.flatnonzero(dm.data.item_ids == PLANTED)[0])
+    assert not info.trained_items[planted] and info.trained_items[1:].sum() < dm.num_items
+    model = module(SASRec(info, max_len=dm.max_len, dim=8), data=info, ks=(1, 5))
+    batch = next(iter(dm.train_dataloader()))
+    model.training_step(batch, 0).backward()
+    gradient = model.network.item_embedding.weight.grad
+    assert gradient[planted].abs().sum() == 0  # not even pushed down as a negative
+    assert gradient[info.trained_items].abs().sum() > 0
+    # Leave-one-out: every item is a class, nothing is renumbered.
+    loo = datamodule(tmp_path / "log.csv", split="leave_one_out", test_window=None)
+    assert data_info(loo).trained_items is None
