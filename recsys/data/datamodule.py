@@ -241,6 +241,11 @@ class SequenceDataModule(pl.LightningDataModule):
         self.setup()
         return self.split.cold_items(self.data) if isinstance(self.split, TimeSplit) else None
 
+    def _not_candidates(self) -> np.ndarray | None:
+        """Items no user is ranked: a time split's cold items, unless evaluation.cold_items=rank."""
+        mask = self.cold_item_mask()
+        return None if mask is None or self.cold_items == "rank" else np.flatnonzero(mask)
+
     def trained_item_mask(self) -> np.ndarray | None:
         """(num_items + 1,) bool under data.split=time: the items with an event in the training
         part, the classes of the training loss; None under leave-one-out (every item)."""
@@ -382,6 +387,7 @@ class SequenceDataModule(pl.LightningDataModule):
             cold = {
                 "drop": "targets without a training event left out",
                 "keep": "targets without a training event counted as misses",
+                "rank": "items without a training event ranked like the others",
             }
             time_split = f"{self.split.cuts.describe()}; {cold[self.cold_items]}"
         return protocol_text(
@@ -487,7 +493,7 @@ class SequenceDataModule(pl.LightningDataModule):
             self.hide_target_item,
             width_multiple=self.width_multiple,
             exclude_seen=self.seen_items != "keep",
-            not_candidates=None if self.cold_item_mask() is None else np.flatnonzero(self.cold_item_mask()),
+            not_candidates=self._not_candidates(),
             misses=None if evaluated.misses is None else evaluated.misses[users],
             windows=windows,
         )

@@ -176,7 +176,7 @@ def evaluated_windows(
     item of their events (of the target types) in the window. Under evaluation.seen_items=exclude
     items seen before the window are no targets (RecTools' filter_already_seen), counted as
     `<split>/repeat_targets`; targets without a training event are counted (`cold_targets`) and
-    dropped or kept as misses (evaluation.cold_items); a user with no event before the window is
+    dropped, kept as misses or ranked (evaluation.cold_items); a user with no event before the window is
     counted (`cold_users`) and not ranked, nor is one left with no target (`users_left_out`)."""
     begin, end = split.window(split_name)
     starts = data.offsets[:-1]
@@ -203,7 +203,8 @@ def evaluated_windows(
         repeat = _seen_before_window(data, owners, items, begin, exclude_codes)
     is_cold = split.cold_items(data)[items] & ~repeat
     drop = repeat | (is_cold if cold_items == "drop" else False)
-    positions, owners, items, miss = positions[~drop], owners[~drop], items[~drop], is_cold[~drop]
+    miss = is_cold if cold_items == "keep" else np.zeros(pairs, dtype=bool)  # rank: ranked
+    positions, owners, items, miss = positions[~drop], owners[~drop], items[~drop], miss[~drop]
     users, first_index, per_user = np.unique(owners, return_index=True, return_counts=True)
     counts = {
         f"{split_name}/users": len(users),

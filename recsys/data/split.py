@@ -102,8 +102,10 @@ class EventSplit:
 # data.split: the protocols.
 PROTOCOLS = ("leave_one_out", "time")
 # evaluation.cold_items (data.split=time): a target item without a training event is left out with
-# its user (drop) or kept and counted as a miss (keep); either way counted in metrics.json.
-COLD_ITEMS = ("drop", "keep")
+# its user (drop) or kept and counted as a miss (keep), both for id-only models, which cannot rank
+# such an item; or ranked like any other, cold items being candidates too (rank: for models that
+# know items by their attributes, data.item_features). Whichever, counted in metrics.json.
+COLD_ITEMS = ("drop", "keep", "rank")
 # Seconds per unit of data.time_unit (a numeric time column's unit; parsed date-times are ns).
 TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
 
@@ -438,13 +440,14 @@ def leave_out_cold_targets(
     users: np.ndarray, positions: np.ndarray, is_cold: np.ndarray, cold_items: str, split: str, counts: dict
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Under a time split, the users whose target item has no training event (`is_cold`): left
-    out under evaluation.cold_items=drop, kept as misses under keep; counted in `counts`
-    (`<split>/cold_targets`; `<split>/users` is what remains). Returns (users, positions, miss)."""
+    out under evaluation.cold_items=drop, kept as misses under keep, ranked under rank; counted in
+    `counts` (`<split>/cold_targets`; `<split>/users` is what remains). Returns (users, positions,
+    miss)."""
     counts[f"{split}/cold_targets"] = int(is_cold.sum())
     if cold_items == "drop":
         users, positions, is_cold = users[~is_cold], positions[~is_cold], is_cold[~is_cold]
         counts[f"{split}/users"] = len(users)
-    return users, positions, is_cold
+    return users, positions, is_cold if cold_items == "keep" else np.zeros(len(users), dtype=bool)
 
 
 def sample_users(

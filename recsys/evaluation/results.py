@@ -5,8 +5,9 @@ target's 1-based rank after exclusion, every metric, and what slices are cut by:
 history before the target, the target's training count and whether the target repeats a seen item
 (`repeat_target`; never under evaluation.seen_items=exclude, which leaves those users out).
 Under evaluation.targets=window a row holds all of the user's targets (`window_per_user_frame`).
-`slices.csv`: the mean metrics by history-length bucket, by target-popularity bucket and by
-repeat or new target, with the user count of each bucket.
+`slices.csv`: the mean metrics by history-length bucket, by target-popularity bucket, by
+repeat or new target and, under a time split, by warm or cold target (`cold_target`: the item has
+no training event), with the user count of each bucket.
 """
 
 from __future__ import annotations
@@ -35,10 +36,12 @@ def per_user_frame(
     item_counts: torch.Tensor | None = None,
     target_positions: np.ndarray | None = None,
     repeat_targets: np.ndarray | None = None,
+    cold_items: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """`target_positions`: each user's target event of `split` (the data module's split); by
     default plain leave-one-out's (the last event for test, the one before for val).
-    `repeat_targets`: per user, whether the target is a seen item (the data module's rule)."""
+    `repeat_targets`: per user, whether the target is a seen item (the data module's rule).
+    `cold_items`: per item, no training event (a time split's cold items), for `cold_target`."""
     users_np = users.numpy().astype(np.int64)
     order = np.argsort(users_np, kind="stable")
     users_np = users_np[order]
@@ -60,13 +63,20 @@ def per_user_frame(
         frame["target_train_count"] = item_counts.numpy()[target_items]
     if repeat_targets is not None:
         frame["repeat_target"] = np.asarray(repeat_targets)[users_np]
+    if cold_items is not None:
+        frame["cold_target"] = np.asarray(cold_items)[target_items]
     for name, values in metrics_from_ranks(ranks, ks).items():
         frame[name] = values.numpy()
     return frame
 
 
 def window_per_user_frame(
-    data: SequenceData, results: dict[str, torch.Tensor], ks, evaluated_users: np.ndarray, windows
+    data: SequenceData,
+    results: dict[str, torch.Tensor],
+    ks,
+    evaluated_users: np.ndarray,
+    windows,
+    cold_items: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """per_user.parquet under evaluation.targets=window: one row per user with the number of
     targets, their raw item ids (in the order first met in the window) and list positions (same
@@ -95,6 +105,9 @@ def window_per_user_frame(
             "history_length": windows.history_end[index] - data.offsets[users],
         }
     )
+    if cold_items is not None:  # how many of the user's targets have no training event
+        cold = np.asarray(cold_items)[windows.items].astype(np.int64)
+        frame["cold_targets"] = [int(cold[b : b + n].sum()) for b, n in zip(begins, counts)]
     for name, values in metrics_from_positions(torch.from_numpy(positions), ks).items():
         frame[name] = values.numpy()
     return frame
@@ -119,6 +132,8 @@ def slice_metrics(frame: pd.DataFrame, metrics=("hr@10", "ndcg@10", "mrr@10")) -
         slices.append(("target_train_count", TARGET_COUNT_EDGES, bucket_labels(TARGET_COUNT_EDGES)))
     if "repeat_target" in frame.columns:
         slices.append(("repeat_target", (0, 1), ["new item", "repeat"]))
+    if "cold_target" in frame.columns:  # time splits: targets with and without a training event
+        slices.append(("cold_target", (0, 1), ["warm", "cold"]))
     present = [m for m in metrics if m in frame.columns]
     rows = []
     for column, edges, labels in slices:
@@ -149,7 +164,12 @@ def write_test_results(datamodule, split: str, model, out_dir: str | os.PathLike
     if "targets" in model.test_results:  # evaluation.targets=window
         evaluated = datamodule.evaluated(split)
         frame = window_per_user_frame(
-            datamodule.data, model.test_results, model.ks, evaluated.users, evaluated.windows
+            datamodule.data,
+            model.test_results,
+            model.ks,
+            evaluated.users,
+            evaluated.windows,
+            datamodule.cold_item_mask(),
         )
         write_parquet_atomic(frame, os.path.join(out_dir, "per_user.parquet"))
         write_csv_atomic(slice_metrics(frame), os.path.join(out_dir, "slices.csv"))
@@ -163,6 +183,7 @@ def write_test_results(datamodule, split: str, model, out_dir: str | os.PathLike
         datamodule.train_item_counts(),
         datamodule.split.val_pos if split == "val" else datamodule.split.test_pos,
         datamodule.repeat_targets(split),
+        datamodule.cold_item_mask(),
     )
     write_parquet_atomic(frame, os.path.join(out_dir, "per_user.parquet"))
     write_csv_atomic(slice_metrics(frame), os.path.join(out_dir, "slices.csv"))

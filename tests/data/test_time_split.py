@@ -10,6 +10,7 @@ import torch
 from recsys.data import SequenceDataModule
 from recsys.data.split import TimeSplit
 from recsys.errors import UserInputError
+from recsys.evaluation.results import per_user_frame, slice_metrics
 from recsys.models.from_config import data_info
 from recsys.models.network import DataInfo
 from recsys.models.popular import MostPopular
@@ -282,3 +283,34 @@ def test_items_of_the_future_are_no_class_of_the_training_loss(tmp_path):
     # Leave-one-out: every item is a class, nothing is renumbered.
     loo = datamodule(tmp_path / "log.csv", split="leave_one_out", test_window=None)
     assert data_info(loo).trained_items is None
+
+
+def test_cold_items_ranked_are_candidates_and_sliced_apart(tmp_path):
+    write_log(tmp_path / "log.csv")
+    dm = datamodule(tmp_path / "log.csv", cold_items="rank")
+    dm.setup()
+    planted = int(np.flatnonzero(dm.data.item_ids == PLANTED)[0])
+    user = int(np.flatnonzero(dm.data.user_ids == 1000)[0])
+    assert user in dm.evaluated_users("test")[0]  # its cold target is ranked, not dropped
+    assert dm.evaluation_counts("test")["test/cold_targets"] == 1
+    batches = list(dm.eval_dataloader("test"))
+    assert not any((b["exclude"] == planted).any() for b in batches)  # a candidate like any item
+    assert not any(b["miss"].any() for b in batches)
+    model = module(MostPopular(DataInfo(num_items=dm.num_items, train_item_counts=dm.train_item_counts())))
+    users, ranks = [], []
+    for batch in batches:
+        users.append(batch["user"])
+        ranks.append(model._rank(batch, None)[0])
+    frame = per_user_frame(
+        dm.data,
+        "test",
+        torch.cat(users),
+        torch.cat(ranks),
+        (1, 5),
+        target_positions=dm.split.test_pos,
+        cold_items=dm.cold_item_mask(),
+    )
+    assert frame.loc[frame["user_id"] == 1000, "cold_target"].item()
+    assert frame["cold_target"].sum() == 1
+    slices = slice_metrics(frame)
+    assert set(slices.loc[slices["slice"] == "cold_target", "bucket"]) == {"warm", "cold"}

@@ -184,3 +184,13 @@ def test_window_targets_refuse_what_cannot_work(tmp_path, keys, message):
     write_log(tmp_path / "log.csv")
     with pytest.raises(UserInputError, match=message.replace("[", r"\[").replace("(", r"\(")):
         datamodule(tmp_path / "log.csv", **{"targets": "window", **keys})
+
+
+def test_cold_items_ranked_in_the_window_are_targets_and_candidates(tmp_path):
+    write_log(tmp_path / "log.csv")
+    dm = datamodule(tmp_path / "log.csv", targets="window", cold_items="rank")
+    dm.setup()
+    assert window_of(dm, "test")[1001] == {4, PLANTED}
+    planted = int(np.flatnonzero(dm.data.item_ids == PLANTED)[0])
+    for batch in dm.eval_dataloader("test"):
+        assert not batch["miss"].any() and not (batch["exclude"] == planted).any()
