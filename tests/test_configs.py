@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -9,6 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from recsys.data import SequenceDataModule
+from recsys.data.item_features import ItemFeatures
 from recsys.models.from_config import build_model
 from recsys.models.network import DataInfo
 from recsys.training.module import SequentialRecommender
@@ -40,7 +42,17 @@ def test_every_data_config_instantiates(data):
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_every_experiment_composes_and_builds_its_model(experiment):
     cfg = compose_train(f"experiment={experiment}")
-    data = DataInfo(1000, num_event_types=3, train_item_counts=torch.arange(1001), fingerprint="x")
+    # Each item one of 10 attributes (data.item_features), which attribute_knn needs.
+    features = ItemFeatures(
+        offsets=np.r_[0, np.arange(1001)].astype(np.int64),  # padding none, items one each
+        values=(np.arange(1000) % 10 + 1).astype(np.int32),
+        vocabulary=np.array([""] + [f"a={i}" for i in range(10)]),
+        extra_item_ids=np.array([], dtype=str),
+        num_items=1000,
+    )
+    data = DataInfo(
+        1000, num_event_types=3, train_item_counts=torch.arange(1001), fingerprint="x", item_features=features
+    )
     model = build_model(cfg, data)
     assert isinstance(model, SequentialRecommender)
 

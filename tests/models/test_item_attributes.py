@@ -9,6 +9,7 @@ import torch
 
 from recsys.data.item_features import ItemFeatures
 from recsys.errors import UserInputError
+from recsys.models.attribute_knn import AttributeKNN
 from recsys.models.bert4rec import BERT4Rec
 from recsys.models.gru4rec import GRU4Rec
 from recsys.models.network import DataInfo
@@ -224,3 +225,17 @@ def test_predict_and_export_rank_new_items(attributes_only_run, tmp_path):
         *common(tmp),
     )
     assert len(json.loads((exported / "item_ids.json").read_text())) == 52  # padding, 50 items, 1 new
+
+
+def test_attribute_knn_ranks_by_attribute_overlap_with_the_history():
+    model = AttributeKNN(data(), max_len=5)
+    # A history of item 1 (attributes 1, 2): item 3 (1, 4) shares attribute 1, item 4 (2) shares
+    # attribute 2, items 2 and 5 (3) nothing, item 6 has no attributes.
+    scores = (model.user_vectors(torch.tensor([[1, 0]])) @ model.item_vectors().T)[0]
+    assert scores[3] == pytest.approx(0.5) and scores[4] == pytest.approx(2**-0.5)
+    assert scores[2] == 0 and scores[5] == 0 and scores[6] == 0 and scores[0] == 0
+    # Items 2 and 5 have the same attributes: the same score after any history.
+    many = model.user_vectors(torch.tensor([[1, 3, 4], [2, 0, 0]])) @ model.item_vectors().T
+    assert torch.equal(many[:, 2], many[:, 5])
+    with pytest.raises(UserInputError, match=r"^model: attribute_knn .* set data.item_features"):
+        AttributeKNN(data(False))
