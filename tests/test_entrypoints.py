@@ -200,9 +200,13 @@ BROWSE_BUY_PRESETS = [
 ]
 
 
+# Presets for data with item attributes (tests/models/test_item_attributes.py runs them).
+ATTRIBUTE_PRESETS = ["attribute_knn"]
+
+
 def test_every_preset_is_tested():
     shipped = {p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml")}
-    assert shipped == set(PRESETS) | set(BROWSE_BUY_PRESETS)
+    assert shipped == set(PRESETS) | set(BROWSE_BUY_PRESETS) | set(ATTRIBUTE_PRESETS)
 
 
 def train_tiny(tmp_path, run_dir, *overrides, epochs: int = 1) -> tuple[dict, list[float]]:

@@ -17,7 +17,7 @@ from recsys.models.sasrec import SASRec
 from recsys.serving.recommend import Recommender
 from tests.builders import module
 from tests.checks import Untouched, assert_user_error
-from tests.test_entrypoints import common, run, train_overrides
+from tests.test_entrypoints import common, run, train_overrides, train_tiny
 
 NUM_ITEMS = 6
 # Attributes of items 1..6 (0 is padding): items 2 and 5 share theirs, item 6 has none.
@@ -239,3 +239,13 @@ def test_attribute_knn_ranks_by_attribute_overlap_with_the_history():
     assert torch.equal(many[:, 2], many[:, 5])
     with pytest.raises(UserInputError, match=r"^model: attribute_knn .* set data.item_features"):
         AttributeKNN(data(False))
+
+
+def test_the_attribute_knn_preset_trains_and_evaluates(tmp_path):
+    # Items 1..50, in 5 categories along the synthetic data's hidden cycle order of ids.
+    rows = [f"{i},cat{i % 5}" for i in range(1, 51)]
+    (tmp_path / "items.csv").write_text("item,category\n" + "\n".join(rows) + "\n")
+    run_dir = tmp_path / "run"
+    features = f"data.item_features={tmp_path / 'items.csv'}"
+    metrics, _ = train_tiny(tmp_path, run_dir, "experiment=attribute_knn", "data=synthetic", features)
+    assert 0 <= metrics["test/ndcg@10"] <= 1 and metrics["epochs"] == 1
