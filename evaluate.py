@@ -71,6 +71,9 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     if targets == "as_trained":
         targets = run_cfg.get("evaluation", {}).get("targets", "next")
     evaluation = OmegaConf.merge(cfg.evaluation, {"targets": targets})
+    cold_items_share = cfg.evaluation.get("cold_items_share", "as_trained")
+    if cold_items_share == "as_trained":  # the items the checkpoint was trained without
+        cold_items_share = run_cfg.get("evaluation", {}).get("cold_items_share")
     if cfg.exclude_events != "as_trained":  # e.g. all seen items instead of bought ones only
         run_cfg.data.exclude_events = None if cfg.exclude_events == "all" else cfg.exclude_events
 
@@ -79,6 +82,7 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         seen_items=seen_items,
         max_users=cfg.evaluation.get("max_users"),
         cold_items=cfg.evaluation.get("cold_items", "drop"),
+        cold_items_share=cold_items_share,
         targets=targets,
     )
     check_same_data(ckpt_path, checkpoint.get("data_fingerprint"), datamodule, run_cfg.data.path)

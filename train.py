@@ -57,6 +57,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         seen_items=seen_items,
         max_users=cfg.evaluation.get("max_users"),
         cold_items=cfg.evaluation.get("cold_items", "drop"),
+        cold_items_share=cfg.evaluation.get("cold_items_share"),
         targets=cfg.evaluation.get("targets", "next"),
     )
     datamodule.prepare_data()

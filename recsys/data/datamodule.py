@@ -35,6 +35,7 @@ from recsys.data.engine import memory_limit_bytes
 from recsys.data.evaluated import EvaluatedUsers, evaluated_users, evaluated_windows, seen_targets
 from recsys.data.features import time_gap_buckets
 from recsys.data.formats import Source
+from recsys.data.held_out_items import TrainingPart, check_share, held_out_items, without_items
 from recsys.data.item_features import FeatureSource, ItemFeatures
 from recsys.data.preprocess import PreprocessSettings
 from recsys.data.sequences import SequenceData
@@ -108,6 +109,7 @@ class SequenceDataModule(pl.LightningDataModule):
         cold_items: str = "drop",
         targets: str = "next",
         item_features: dict | None = None,
+        cold_items_share: float | None = None,
     ):
         super().__init__()
         # Not a data key: train.py and evaluate.py pass evaluation.seen_items.
@@ -125,6 +127,10 @@ class SequenceDataModule(pl.LightningDataModule):
         if cold_items not in COLD_ITEMS:  # not a data key: evaluation.cold_items
             raise UserInputError(f"evaluation.cold_items: {cold_items!r} is not one of {list(COLD_ITEMS)}")
         self.protocol_name = split
+        # Not a data key: evaluation.cold_items_share (recsys/data/held_out_items.py).
+        self.cold_items_share = check_share(cold_items_share, split)
+        self._held_out: np.ndarray | None = None
+        self._training: TrainingPart | None = None
         self.targets = check_window_keys(check_targets(targets), split, seen_items, hide_target_item)
         self.time_keys = dict(
             test_window=test_window, test_start=test_start, test_share=test_share, val_window=val_window
@@ -225,6 +231,15 @@ class SequenceDataModule(pl.LightningDataModule):
             )
         if data.has_events:
             self._gaps = time_gap_buckets(data.offsets, data.timestamps)
+        if self.cold_items_share is not None:
+            self._held_out = held_out_items(data.num_items, self.cold_items_share, self.seed)
+            self._training = without_items(data, split.train_end, split.is_target, self._held_out)
+            log.info(
+                "data %s: %d items held out of training (evaluation.cold_items_share=%s)",
+                self.name,
+                int(self._held_out.sum()),
+                self.cold_items_share,
+            )
         self.split = split
 
     def recent_item_counts(self, days: float) -> torch.Tensor:
@@ -239,12 +254,15 @@ class SequenceDataModule(pl.LightningDataModule):
         """(num_items + 1,) bool under data.split=time: the items with no event in the training
         part, which an id-only model cannot recommend; None under leave-one-out."""
         self.setup()
+        if self._held_out is not None:
+            return self._held_out
         return self.split.cold_items(self.data) if isinstance(self.split, TimeSplit) else None
 
     def _not_candidates(self) -> np.ndarray | None:
         """Items no user is ranked: a time split's cold items, unless evaluation.cold_items=rank."""
         mask = self.cold_item_mask()
-        return None if mask is None or self.cold_items == "rank" else np.flatnonzero(mask)
+        ranked = self.cold_items == "rank" or self._held_out is not None
+        return None if mask is None or ranked else np.flatnonzero(mask)
 
     def trained_item_mask(self) -> np.ndarray | None:
         """(num_items + 1,) bool under data.split=time: the items with an event in the training
@@ -286,6 +304,11 @@ class SequenceDataModule(pl.LightningDataModule):
     def train_windows(self) -> TrainWindows:
         """Window bounds over each user's training part (all events but the last two)."""
         self.setup()
+        if self._training is not None:  # without the held-out items' events
+            part = self._training
+            return training_windows(
+                part.data, part, self.max_len, self.sliding_window_step, part.gaps, self.width_multiple
+            )
         return training_windows(
             self.data, self.split, self.max_len, self.sliding_window_step, self._gaps, self.width_multiple
         )
@@ -297,8 +320,10 @@ class SequenceDataModule(pl.LightningDataModule):
         popularity is what is bought, not what is viewed)."""
         self.setup()
         if self._train_item_counts is None:  # asked for by the model, its loss and the results
+            part = self._training or self.split
+            data = self.data if self._training is None else self._training.data
             self._train_item_counts = torch.from_numpy(
-                training_item_counts(self.data, self.split.train_end, self.split.is_target)
+                training_item_counts(data, part.train_end, part.is_target)
             )
         return self._train_item_counts
 
@@ -390,9 +415,15 @@ class SequenceDataModule(pl.LightningDataModule):
                 "rank": "items without a training event ranked like the others",
             }
             time_split = f"{self.split.cuts.describe()}; {cold[self.cold_items]}"
-        return protocol_text(
+        text = protocol_text(
             self.target_events, self.exclude_events, self.seen_items, time_split, self.targets
         )
+        if self._held_out is not None:
+            text += (
+                f"; {int(self._held_out.sum())} items (evaluation.cold_items_share={self.cold_items_share}, "
+                f"seed {self.seed}) held out of training, their targets ranked as cold"
+            )
+        return text
 
     def _exclude_codes(self) -> list[int] | None:
         """Event type ids whose items count as seen (None: every event's)."""
@@ -411,6 +442,24 @@ class SequenceDataModule(pl.LightningDataModule):
         self.setup()
         if split in self._evaluated:  # asked for at every validation and test pass
             return self._evaluated[split]
+        if self._held_out is not None:  # leave-one-out's users, with their cold targets counted
+            chosen = evaluated_users(
+                self.data,
+                self.split,
+                split,
+                self.name,
+                self.seen_items,
+                self._exclude_codes(),
+                self.hide_target_item,
+                self.cold_items,
+                self.max_users,
+                self.seed,
+            )
+            chosen.counts[f"{split}/cold_targets"] = int(
+                self._held_out[self.data.items[chosen.positions]].sum()
+            )
+            self._evaluated[split] = chosen
+            return chosen
         if self.targets == "window":
             self._evaluated[split] = evaluated_windows(
                 self.data,
