@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from recsys.errors import UserInputError
+from recsys.evaluation import metrics as metrics_module
 from recsys.evaluation.metrics import (
     ListMetrics,
     RankingMetrics,
@@ -379,3 +380,17 @@ def test_chunked_ranking_with_a_huge_item_vector_equals_the_full_ranking(huge):
     assert target_ranks(scores, target, exclude).tolist() == [2]  # below the huge item only
     ranks, _ = chunked_ranking(queries, items, target, exclude, None, chunk_size=2)
     assert ranks.tolist() == [2]
+
+
+def test_massive_ties_are_compared_exactly_a_block_at_a_time(monkeypatch):
+    # Every item scores 0 after an all-zero query (a history sharing no attribute with any item):
+    # every item is a near tie of the target, checked exactly in blocks of a few pairs.
+    monkeypatch.setattr(metrics_module, "_EXACT_BLOCK_ELEMENTS", 64)
+    generator = torch.Generator().manual_seed(0)
+    queries = torch.zeros(3, 40)
+    items = torch.randn(101, 40, generator=generator)
+    target = torch.tensor([5, 17, 99])
+    exclude = torch.tensor([[1, 2, 0], [0, 0, 0], [3, 3, 4]])
+    ranks, _ = chunked_ranking(queries, items, target, exclude, None, chunk_size=32)
+    assert ranks.tolist() == [98, 100, 98]  # pessimistic: after every candidate
+    assert ranks.tolist() == target_ranks(queries @ items.T, target, exclude).tolist()

@@ -193,14 +193,25 @@ def chunked_ranking(
     return ranks, items
 
 
-def _exact_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise dot products (n,) of a, b (n, d) in float64, summed in one fixed order for every
-    row (float32 products are exact in float64): equal pairs of rows give bit-equal results."""
-    products = a.double() * b.double()
-    total = products[:, 0].clone()
-    for j in range(1, products.size(1)):
-        total += products[:, j]
-    return total
+# Float64 products held at a time by _exact_dot: a model whose scores tie massively (attribute_knn:
+# every item sharing nothing with the history scores 0) sends millions of pairs at once.
+_EXACT_BLOCK_ELEMENTS = 1 << 22
+
+
+def _exact_dot(a: torch.Tensor, a_rows: torch.Tensor, b: torch.Tensor, b_rows: torch.Tensor) -> torch.Tensor:
+    """Dot products (n,) of the rows a[a_rows[i]] and b[b_rows[i]] in float64, summed in one fixed
+    order for every pair (float32 products are exact in float64): equal pairs of vectors give
+    bit-equal results. Gathered a block of pairs at a time (bounded memory)."""
+    block = max(1, _EXACT_BLOCK_ELEMENTS // max(a.size(1), 1))
+    out = torch.empty(len(a_rows), dtype=torch.float64, device=a.device)
+    for begin in range(0, len(a_rows), block):
+        rows = slice(begin, begin + block)
+        products = a[a_rows[rows]].double() * b[b_rows[rows]].double()
+        total = products[:, 0].clone()
+        for j in range(1, products.size(1)):
+            total += products[:, j]
+        out[rows] = total
+    return out
 
 
 def _chunked_pass(queries, item_vectors, target, exclude, k, chunk_size):
@@ -217,7 +228,7 @@ def _chunked_pass(queries, item_vectors, target, exclude, k, chunk_size):
             # target's (within twice the float32 error bound of a d-term dot product) are compared
             # again from `_exact_dot`, which computes every pair the same way: an item with the
             # target's very vector then ties with it exactly, and is counted above (pessimistic).
-            exact_target = _exact_dot(queries, target_vectors)
+            exact_target = _exact_dot(queries, rows, item_vectors, target)
             bound = queries.norm(dim=1) * item_vectors.norm(dim=1).max()
             tolerance = queries.size(1) * 2.0**-23 * bound
         above = torch.zeros(batch, dtype=torch.long, device=queries.device)
@@ -247,7 +258,7 @@ def _chunked_pass(queries, item_vectors, target, exclude, k, chunk_size):
                 near = ((scores - target_score[:, None]).abs() <= tolerance[:, None]) & scores.isfinite()
                 near_rows, near_items = near.nonzero(as_tuple=True)
                 if near_rows.numel():
-                    exact = _exact_dot(queries[near_rows], item_vectors[begin + near_items])
+                    exact = _exact_dot(queries, near_rows, item_vectors, begin + near_items)
                     below[near_rows, near_items] = exact < exact_target[near_rows]
                 # The target is not above itself: it is the "1 +" below.
                 is_target = (target >= begin) & (target < end)
@@ -349,7 +360,7 @@ def chunked_window_ranks(
         width, dim = item_vectors.shape
         pair_rows, pair_columns = (targets > 0).nonzero(as_tuple=True)
         pair_items = targets[pair_rows, pair_columns]
-        exact_target = _exact_dot(queries[pair_rows], item_vectors[pair_items])
+        exact_target = _exact_dot(queries, pair_rows, item_vectors, pair_items)
         target_score = exact_target.float()[:, None]
         bound = queries.norm(dim=1) * item_vectors.norm(dim=1).max()
         tolerance = (dim * 2.0**-23 * bound)[pair_rows, None]
@@ -376,7 +387,7 @@ def chunked_window_ranks(
                 near_pairs, near_items = near.nonzero(as_tuple=True)
                 if near_pairs.numel():
                     query_rows = pair_rows[block][near_pairs]
-                    exact = _exact_dot(queries[query_rows], item_vectors[begin + near_items])
+                    exact = _exact_dot(queries, query_rows, item_vectors, begin + near_items)
                     below[near_pairs, near_items] = exact < exact_target[block][near_pairs]
                 above[block] += size - below.sum(dim=1)
         ranks = 1 + above
