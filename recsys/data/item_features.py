@@ -25,7 +25,6 @@ where there is one) and what is wrong.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -38,6 +37,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from recsys.data.formats import file_sha256
+from recsys.data.interactions import is_gzip
 from recsys.errors import UserInputError
 from recsys.runs.files import atomic_directory
 
@@ -90,10 +91,10 @@ class FeatureSource:
             value = getattr(self, option)
             described[option] = list(value) if isinstance(value, tuple) else value
         path = _check_readable(self.path)
-        described["sha256"] = _file_sha256(path)
+        described["sha256"] = file_sha256(path)
         if name == "movielens" and _movielens_file(path) == "u.item":
             # The genre names are u.genre's: a changed u.genre changes what is read.
-            described["genre_sha256"] = _file_sha256(_genre_file(path))
+            described["genre_sha256"] = file_sha256(_genre_file(path))
         return described
 
 
@@ -267,23 +268,10 @@ def _check_readable(path: str | os.PathLike) -> Path:
     return path
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _is_gzip(path: Path) -> bool:
-    with open(path, "rb") as raw:
-        return raw.read(2) == b"\x1f\x8b"
-
-
 def _open_text(path: Path, encoding: str = "utf-8-sig") -> io.TextIOBase:
     """A plain or gzipped text file (by its magic bytes). utf-8-sig: a BOM, as some editors and
     spreadsheets write, is not part of the first column's name."""
-    if _is_gzip(path):
+    if is_gzip(path):
         return io.TextIOWrapper(gzip.open(path, "rb"), encoding=encoding, errors="strict")
     return open(path, encoding=encoding, errors="strict")
 
@@ -655,7 +643,7 @@ def _csv_frame(path: Path, sep: str) -> tuple[pd.DataFrame, np.ndarray]:
             na_filter=False,
             skip_blank_lines=False,  # kept, then dropped below, so that row i is line i + 1
             encoding="utf-8-sig",
-            compression="gzip" if _is_gzip(path) else None,
+            compression="gzip" if is_gzip(path) else None,
             engine="c" if len(sep) == 1 else "python",
         )
     except UnicodeDecodeError as err:
