@@ -251,8 +251,9 @@ class SequenceDataModule(pl.LightningDataModule):
         return torch.from_numpy(self.split.recent_item_counts(self.data, days))
 
     def cold_item_mask(self) -> np.ndarray | None:
-        """(num_items + 1,) bool under data.split=time: the items with no event in the training
-        part, which an id-only model cannot recommend; None under leave-one-out."""
+        """(num_items + 1,) bool: the items with no event in the training part, which an id-only
+        model cannot recommend: under data.split=time those first seen after the validation cut,
+        with evaluation.cold_items_share the held-out items; None otherwise."""
         self.setup()
         if self._held_out is not None:
             return self._held_out
@@ -265,8 +266,8 @@ class SequenceDataModule(pl.LightningDataModule):
         return None if mask is None or ranked else np.flatnonzero(mask)
 
     def trained_item_mask(self) -> np.ndarray | None:
-        """(num_items + 1,) bool under data.split=time: the items with an event in the training
-        part, the classes of the training loss; None under leave-one-out (every item)."""
+        """(num_items + 1,) bool: the items with an event in the training part, the classes of
+        the training loss (the complement of `cold_item_mask`); None when every item is one."""
         mask = self.cold_item_mask()
         return None if mask is None else ~mask
 
@@ -442,7 +443,19 @@ class SequenceDataModule(pl.LightningDataModule):
         self.setup()
         if split in self._evaluated:  # asked for at every validation and test pass
             return self._evaluated[split]
-        if self._held_out is not None:  # leave-one-out's users, with their cold targets counted
+        if self.targets == "window":
+            chosen = evaluated_windows(
+                self.data,
+                self.split,
+                split,
+                self.name,
+                self.seen_items,
+                self._exclude_codes(),
+                self.cold_items,
+                self.max_users,
+                self.seed,
+            )
+        else:
             chosen = evaluated_users(
                 self.data,
                 self.split,
@@ -455,37 +468,12 @@ class SequenceDataModule(pl.LightningDataModule):
                 self.max_users,
                 self.seed,
             )
+        if self._held_out is not None:  # evaluation.cold_items_share: its targets counted
             chosen.counts[f"{split}/cold_targets"] = int(
                 self._held_out[self.data.items[chosen.positions]].sum()
             )
-            self._evaluated[split] = chosen
-            return chosen
-        if self.targets == "window":
-            self._evaluated[split] = evaluated_windows(
-                self.data,
-                self.split,
-                split,
-                self.name,
-                self.seen_items,
-                self._exclude_codes(),
-                self.cold_items,
-                self.max_users,
-                self.seed,
-            )
-        else:
-            self._evaluated[split] = evaluated_users(
-                self.data,
-                self.split,
-                split,
-                self.name,
-                self.seen_items,
-                self._exclude_codes(),
-                self.hide_target_item,
-                self.cold_items,
-                self.max_users,
-                self.seed,
-            )
-        return self._evaluated[split]
+        self._evaluated[split] = chosen
+        return chosen
 
     def evaluated_users(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """(users, target positions) evaluated on `split`: every user whose target has a history
