@@ -194,3 +194,9 @@ def test_cold_items_ranked_in_the_window_are_targets_and_candidates(tmp_path):
     planted = int(np.flatnonzero(dm.data.item_ids == PLANTED)[0])
     for batch in dm.eval_dataloader("test"):
         assert not batch["miss"].any() and not (batch["exclude"] == planted).any()
+
+
+def test_sampled_metrics_refuse_window_targets():
+    model = module(MostPopular(DataInfo(num_items=30, train_item_counts=None)), ks=(1, 5))
+    with pytest.raises(UserInputError, match=r"^evaluation.sampled: .* not with evaluation.targets=window"):
+        model.configure_evaluation(sampled={"num_negatives": 10}, targets="window")
