@@ -179,3 +179,19 @@ def test_variants_are_compared_on_each_users_metrics_averaged_over_seeds(tmp_pat
     assert challenger["p_ttest"] == pytest.approx(
         stats.ttest_rel(better.mean(axis=0), ndcg.mean(axis=0)).pvalue
     )
+
+
+def test_seed_groups_ignore_null_keys_and_where_a_run_was(tmp_path):
+    from recsys.evaluation.compare import _config_key
+
+    configs = {
+        "a": "seed: 1\nmodel: {dim: 64}\ntrainer: {default_root_dir: /elsewhere/a}\n",
+        "b": "seed: 2\nmodel: {dim: 64}\nevaluation: {cold_items_share: null}\ntrainer: {default_root_dir: /x/b}\n",
+        "c": "seed: 3\nmodel: {dim: 32}\n",
+    }
+    keys = {}
+    for name, text in configs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text(text)
+        keys[name] = _config_key(tmp_path / name)
+    assert keys["a"] == keys["b"] != keys["c"]

@@ -53,6 +53,11 @@ class RunResults:
     config_key: str | None  # the run's config without seeds and paths, for grouping seeds
 
 
+# Config keys that say where a run is, never what it learns: left out of the key, so that runs
+# copied elsewhere (results/protocol_study) still group by their seeds.
+_NOT_IN_KEY = ("seed", "paths", "cache_dir", "dirpath", "default_root_dir", "save_dir", "output_dir")
+
+
 def _config_key(run_dir: Path) -> str | None:
     """The run's resolved config with every seed and path removed, as a canonical string."""
     config = run_dir / "config.yaml"
@@ -71,11 +76,10 @@ def _config_key(run_dir: Path) -> str | None:
 
     def strip(node):
         if isinstance(node, dict):
-            return {
-                k: strip(v)
-                for k, v in node.items()
-                if k not in ("seed", "paths", "cache_dir", "dirpath") and not inside_run(v)
-            }
+            # A key set to null is a key the run did not set: configs written before a new
+            # optional key existed group with those that leave it null (a group left empty too).
+            kept = {k: strip(v) for k, v in node.items() if k not in _NOT_IN_KEY and not inside_run(v)}
+            return {k: v for k, v in kept.items() if v is not None and v != {}}
         if isinstance(node, list):
             return [strip(v) for v in node]
         return node
