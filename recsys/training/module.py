@@ -462,11 +462,18 @@ class SequentialRecommender(pl.LightningModule):
         if self.eval_targets != "window":
             self.test_results = {"user": users, "rank": ranks[order]}
             return
+        # Each user's run of positions, moved into user order with one index (no per-user loop).
         begins = torch.cumsum(counts, 0) - counts
-        segments = [ranks[b : b + n] for b, n in zip(begins[order].tolist(), counts[order].tolist())]
+        sorted_counts = counts[order]
+        owner = torch.repeat_interleave(torch.arange(len(order)), sorted_counts)
+        offset = torch.arange(len(owner)) - torch.repeat_interleave(
+            torch.cumsum(sorted_counts, 0) - sorted_counts, sorted_counts
+        )
+        flat = ranks[begins[order][owner] + offset]
+        best = torch.full((len(order),), torch.iinfo(torch.long).max, dtype=torch.long)
         self.test_results = {
             "user": users,
-            "rank": torch.stack([s.min() for s in segments]) if segments else empty,
-            "targets": counts[order],
-            "ranks": torch.cat(segments) if segments else empty,
+            "rank": best.scatter_reduce(0, owner, flat, reduce="amin"),
+            "targets": sorted_counts,
+            "ranks": flat,
         }
