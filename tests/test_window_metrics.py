@@ -7,14 +7,12 @@ import torch
 
 from recsys.evaluation.metrics import (
     RankingMetrics,
-    chunked_window_ranks,
-    list_positions,
     metrics_from_positions,
     metrics_from_ranks,
     target_ranks,
     top_k_items,
-    window_target_ranks,
 )
+from recsys.evaluation.window_ranking import chunked_window_ranks, list_positions, window_target_ranks
 
 
 def padded_targets(generator, rows, num_items, most):

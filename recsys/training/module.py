@@ -34,14 +34,12 @@ from recsys.evaluation.metrics import (
     check_ks,
     check_targets,
     chunked_ranking,
-    chunked_window_ranks,
-    list_positions,
     sample_unseen,
     sampled_target_ranks,
     target_ranks,
     top_k_items,
-    window_target_ranks,
 )
+from recsys.evaluation.window_ranking import chunked_window_ranks, list_positions, window_target_ranks
 from recsys.losses import check_catalogue
 from recsys.models.network import DataInfo, SequenceNetwork
 from recsys.training.hardware import skip_cudnn_attention, with_fused
