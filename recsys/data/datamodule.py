@@ -32,7 +32,13 @@ from recsys.data.datasets import (
     training_windows,
 )
 from recsys.data.engine import memory_limit_bytes
-from recsys.data.evaluated import EvaluatedUsers, evaluated_users, evaluated_windows, seen_targets
+from recsys.data.evaluated import (
+    EvaluatedUsers,
+    check_window_keys,
+    evaluated_users,
+    evaluated_windows,
+    seen_targets,
+)
 from recsys.data.features import time_gap_buckets
 from recsys.data.formats import Source
 from recsys.data.held_out_items import TrainingPart, check_share, held_out_items, without_items
@@ -48,7 +54,6 @@ from recsys.data.split import (
     Split,
     TimeSplit,
     check_event_keys,
-    check_window_keys,
     protocol_text,
     target_codes,
     time_split,
@@ -144,7 +149,7 @@ class SequenceDataModule(pl.LightningDataModule):
         _at_least_one("val_users", val_users, nullable=True)
         _at_least_one("sliding_window_step", sliding_window_step, nullable=True)
         self.name = name
-        self.feature_source = feature_source(item_features)
+        self.feature_source = FeatureSource.from_config(item_features)
         self.item_features: ItemFeatures | None = None
         self.source = Source(format, path, columns, sep, synthetic, test_path, times_path)
         check_event_keys(event_types, keep_events, target_events, exclude_events)
@@ -564,16 +569,3 @@ def _integer_at_least_one(key: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UserInputError(f"data.{key}: must be an integer >= 1, got {value!r}")
     return value
-
-
-def feature_source(item_features: dict | None) -> FeatureSource | None:
-    """data.item_features (a mapping of FeatureSource's fields, or null), checked key by key."""
-    if item_features is None:
-        return None
-    if isinstance(item_features, str):
-        item_features = {"path": item_features}
-    known = set(FeatureSource.__dataclass_fields__)
-    unknown = sorted(set(item_features) - known)
-    if unknown:
-        raise UserInputError(f"data.item_features.{unknown[0]}: not a key; use {sorted(known)}")
-    return FeatureSource(**item_features)

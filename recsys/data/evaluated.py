@@ -27,6 +27,7 @@ from recsys.data.split import (
     leave_out_seen_targets,
     sample_users,
 )
+from recsys.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,26 @@ class EvaluatedUsers:
     misses: np.ndarray | None
     counts: dict[str, float]
     windows: WindowTargets | None = None
+
+
+def check_window_keys(targets: str, protocol: str, seen_items: str, hide_target_item: bool) -> str:
+    """evaluation.targets=window needs a time split and cannot be combined with the options that
+    single out one target item; returns `targets`."""
+    if targets != "window":
+        return targets
+    if protocol != "time":
+        raise UserInputError(
+            "evaluation.targets: 'window' needs data.split=time (under leave-one-out each user has one target)"
+        )
+    if seen_items == "exclude_but_target":
+        raise UserInputError(
+            "evaluation.seen_items: 'exclude_but_target' keeps one seen target; with evaluation.targets=window use exclude or keep"
+        )
+    if hide_target_item:
+        raise UserInputError(
+            "data.hide_target_item: hides one target item's events; not with evaluation.targets=window"
+        )
+    return targets
 
 
 def seen_targets(

@@ -80,6 +80,20 @@ class FeatureSource:
             raise UserInputError("data.item_features.path: required (the item feature file)")
         object.__setattr__(self, "path", str(self.path))
 
+    @classmethod
+    def from_config(cls, item_features: dict | str | None) -> FeatureSource | None:
+        """data.item_features: null, a path, or a mapping of this class's fields, checked key by key."""
+        if item_features is None:
+            return None
+        if isinstance(item_features, str):
+            item_features = {"path": item_features}
+        unknown = sorted(set(item_features) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise UserInputError(
+                f"data.item_features.{unknown[0]}: not a key; use {sorted(cls.__dataclass_fields__)}"
+            )
+        return cls(**item_features)
+
     def describe(self) -> dict[str, Any]:
         """What of this source enters the data cache fingerprint: the resolved format, the
         options that change what it reads, and the sha256 of the file's bytes (never its path,

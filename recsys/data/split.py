@@ -302,26 +302,6 @@ def check_event_keys(event_types, keep_events, target_events, exclude_events) ->
             )
 
 
-def check_window_keys(targets: str, protocol: str, seen_items: str, hide_target_item: bool) -> str:
-    """evaluation.targets=window needs a time split and cannot be combined with the options that
-    single out one target item; returns `targets`."""
-    if targets != "window":
-        return targets
-    if protocol != "time":
-        raise UserInputError(
-            "evaluation.targets: 'window' needs data.split=time (under leave-one-out each user has one target)"
-        )
-    if seen_items == "exclude_but_target":
-        raise UserInputError(
-            "evaluation.seen_items: 'exclude_but_target' keeps one seen target; with evaluation.targets=window use exclude or keep"
-        )
-    if hide_target_item:
-        raise UserInputError(
-            "data.hide_target_item: hides one target item's events; not with evaluation.targets=window"
-        )
-    return targets
-
-
 def target_codes(data: SequenceData, target_events: list[str] | None, name: str) -> list[int] | None:
     """The type ids of data.target_events (None: every event is a target), each checked to occur in
     data set `name`."""

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recsys.data.item_features import FeatureSource, read_item_features
+from recsys.data.item_features import FeatureSource, ItemFeatures, read_item_features
 from recsys.errors import UserInputError
 
 
@@ -73,3 +73,22 @@ def new_item_vectors(
     if pooled.size(1) < width:
         pooled = torch.cat([pooled, pooled.new_zeros(len(ids), width - pooled.size(1))], dim=1)
     return NewItems(ids, pooled, known, unrankable, unknown)
+
+
+def checkpoint_item_features(checkpoint: dict) -> ItemFeatures | None:
+    """The item attributes a checkpoint's network was built with (its state holds their lists and
+    the checkpoint their names), or None for a model without attributes."""
+    state = checkpoint["state_dict"]
+    if "network.item_attributes.offsets" not in state:
+        return None
+    rows = state["network.item_attributes.embedding.weight"].shape[0]
+    vocabulary = checkpoint.get("item_attribute_vocabulary") or [""] + [
+        f"attribute {i}" for i in range(1, rows)
+    ]
+    return ItemFeatures(
+        offsets=state["network.item_attributes.offsets"].numpy(),
+        values=state["network.item_attributes.values"].numpy().astype(np.int32),
+        vocabulary=np.asarray(vocabulary, dtype=str),
+        extra_item_ids=np.array([], dtype=str),
+        num_items=int(checkpoint["num_items"]),
+    )

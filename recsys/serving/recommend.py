@@ -30,14 +30,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from recsys.data.datasets import EvalUsers, gather_windows
-from recsys.data.item_features import ItemFeatures
 from recsys.data.sequences import SequenceData
 from recsys.data.split import EventSplit
 from recsys.errors import UserInputError
 from recsys.evaluation.metrics import chunked_top_k, top_k_items
 from recsys.models.network import DataInfo
 from recsys.runs.files import atomic_path
-from recsys.serving.new_items import NewItems, new_item_vectors
+from recsys.serving.new_items import NewItems, checkpoint_item_features, new_item_vectors
 from recsys.training.module import SequentialRecommender, upgrade_state_dict
 
 log = logging.getLogger(__name__)
@@ -79,25 +78,6 @@ def load_run_config(ckpt_path: Path, run_dir: str | Path | None) -> DictConfig:
     if not config.is_file():
         raise UserInputError(f"run_dir: {config} not found (the config.yaml that train.py wrote)")
     return OmegaConf.load(config)
-
-
-def checkpoint_item_features(checkpoint: dict) -> ItemFeatures | None:
-    """The item attributes a checkpoint's network was built with (its state holds their lists and
-    the checkpoint their names), or None for a model without attributes."""
-    state = checkpoint["state_dict"]
-    if "network.item_attributes.offsets" not in state:
-        return None
-    rows = state["network.item_attributes.embedding.weight"].shape[0]
-    vocabulary = checkpoint.get("item_attribute_vocabulary") or [""] + [
-        f"attribute {i}" for i in range(1, rows)
-    ]
-    return ItemFeatures(
-        offsets=state["network.item_attributes.offsets"].numpy(),
-        values=state["network.item_attributes.values"].numpy().astype(np.int32),
-        vocabulary=np.asarray(vocabulary, dtype=str),
-        extra_item_ids=np.array([], dtype=str),
-        num_items=int(checkpoint["num_items"]),
-    )
 
 
 class Recommender:
