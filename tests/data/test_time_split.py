@@ -43,6 +43,22 @@ def write_log(path, seed=0, users=80) -> pd.DataFrame:
     return frame
 
 
+def log_run_data(tmp_path) -> list[str]:
+    """train.py's data overrides for the log at tmp_path/log.csv under a 7-day time split, without
+    k-core (the protocol's pairs the tests compute assume none)."""
+    return [
+        "data=interactions_file",
+        f"data.path={tmp_path / 'log.csv'}",
+        "data.columns.user=user",
+        "data.columns.item=item",
+        "data.columns.timestamp=ts",
+        "data.split=time",
+        "data.test_window=7D",
+        "data.min_user_interactions=0",
+        "data.min_item_interactions=0",
+    ]
+
+
 def datamodule(path, **keys) -> SequenceDataModule:
     keys = {"split": "time", "test_window": "7D", **keys}
     return SequenceDataModule(
@@ -133,15 +149,7 @@ def test_a_run_with_a_time_split_writes_its_protocol(tmp_path):
     run_dir = tmp_path / "run"
     run(
         "train.py",
-        "data=interactions_file",
-        f"data.path={tmp_path / 'log.csv'}",
-        "data.columns.user=user",
-        "data.columns.item=item",
-        "data.columns.timestamp=ts",
-        "data.split=time",
-        "data.test_window=7D",
-        "data.min_user_interactions=0",  # the protocol's pairs below assume no k-core
-        "data.min_item_interactions=0",
+        *log_run_data(tmp_path),
         "model=popular",
         "model.window_days=14",  # recency popularity: the pairs below do not depend on the model
         "loss=none",

@@ -11,7 +11,7 @@ from recsys.evaluation.metrics import metrics_from_positions
 from recsys.models.network import DataInfo
 from recsys.models.popular import MostPopular
 from tests.builders import module
-from tests.data.test_time_split import DAY, PLANTED, datamodule, write_log
+from tests.data.test_time_split import DAY, PLANTED, datamodule, log_run_data, write_log
 from tests.test_ddp import DDP_CPU
 from tests.test_entrypoints import common, run
 
@@ -112,15 +112,7 @@ def test_a_window_run_writes_one_row_per_user_and_compares_paired(tmp_path):
         run_dir = tmp_path / name
         run(
             "train.py",
-            "data=interactions_file",
-            f"data.path={tmp_path / 'log.csv'}",
-            "data.columns.user=user",
-            "data.columns.item=item",
-            "data.columns.timestamp=ts",
-            "data.split=time",
-            "data.test_window=7D",
-            "data.min_user_interactions=0",
-            "data.min_item_interactions=0",
+            *log_run_data(tmp_path),
             "evaluation.targets=window",
             "model=popular",
             *([f"model.window_days={window_days}"] if window_days else []),
