@@ -35,6 +35,7 @@ from recsys.evaluation.compare import (
     load_run,
     seed_summary,
 )
+from recsys.evaluation.debiased import check_gamma, debiased_metrics
 from recsys.evaluation.metrics import check_seen_items
 from recsys.evaluation.results import write_test_results
 from recsys.evaluation.tables import format_table, results_table, to_markdown, write_tables
@@ -67,6 +68,7 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     if seen_items == "as_trained":  # runs from before the key existed get the default
         seen_items = run_cfg.get("evaluation", {}).get("seen_items", "exclude")
     seen_items = check_seen_items(seen_items)
+    ips_gamma = check_gamma(cfg.evaluation.get("ips_gamma"))
     targets = cfg.evaluation.get("targets", "as_trained")
     if targets == "as_trained":
         targets = run_cfg.get("evaluation", {}).get("targets", "next")
@@ -121,12 +123,15 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         "exclude_seen": datamodule.exclude_events if datamodule.exclude_events is not None else True,
         "seen_items": seen_items,
         "targets": targets,
+        "ips_gamma": ips_gamma,
         **datamodule.evaluation_counts(cfg.split),
         "protocol": datamodule.protocol(),
     }
     if not trainer.is_global_zero:
         return summary  # every process holds the same results; rank 0 writes them
-    frame = write_test_results(datamodule, cfg.split, model, out_dir)
+    frame = write_test_results(datamodule, cfg.split, model, out_dir, ips_gamma)
+    if ips_gamma is not None:
+        summary.update(debiased_metrics(frame, cfg.split))
     write_json_atomic(out_dir / "metrics.json", summary)
     print(
         f"\n{cfg.split} metrics of {ckpt_path} ({run_cfg.data.name}, {len(frame)} users), written to {out_dir}"

@@ -23,6 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
 
+from recsys.evaluation.debiased import check_gamma, debiased_metrics
 from recsys.evaluation.metrics import check_seen_items
 from recsys.evaluation.results import write_test_results
 from recsys.evaluation.tables import format_table
@@ -47,6 +48,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     torch.set_float32_matmul_precision(cfg.matmul_precision)
     check_model_config(cfg)  # a bad model or loss option fails now, before the data is read
     seen_items = check_seen_items(cfg.evaluation.seen_items)
+    ips_gamma = check_gamma(cfg.evaluation.get("ips_gamma"))
     # So does a GPU asked for where there is none; bf16 where the GPU lacks it falls back.
     device_type = "cuda" if uses_cuda(cfg.trainer.accelerator) else "cpu"
     precision = check_precision(cfg.trainer.precision, cfg.trainer.accelerator)
@@ -103,13 +105,18 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     val_metrics = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
     test_metrics = trainer.test(model, datamodule=datamodule, verbose=False)[0]
 
+    debiased = {}
     if trainer.is_global_zero:
-        write_test_results(datamodule, "test", model, run_dir)
+        frame = write_test_results(datamodule, "test", model, run_dir, ips_gamma)
+        if ips_gamma is not None:
+            debiased = debiased_metrics(frame, "test")
     timer = next((c for c in callbacks if isinstance(c, EpochTimer)), None)
     epoch_seconds = timer.epoch_seconds if timer else []
     metrics = {
         **{k: float(v) for k, v in val_metrics.items() if k.startswith("val/")},
         **{k: float(v) for k, v in test_metrics.items() if k.startswith("test/")},
+        **debiased,
+        "ips_gamma": ips_gamma,
         "best_epoch": best_epoch,
         "epochs": trainer.current_epoch,
         "train_seconds": train_seconds,

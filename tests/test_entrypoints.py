@@ -84,6 +84,14 @@ def test_train_writes_the_run_directory(trained_run):
     assert metrics["seen_items"] == "exclude" and not frame["repeat_target"].any()
     assert metrics["test/users"] == len(frame) and metrics["test/users_left_out"] > 0
     assert metrics["test/users"] + metrics["test/users_left_out"] == 200
+    # The recommended lists are kept: a target ranked r <= K is the list's r-th item (no ties in
+    # a trained model's float scores); the debiased metrics are the weighted means of the rows.
+    for row in frame[frame["rank"] <= 20].itertuples():
+        assert row.top_item_ids[row.rank - 1] == row.target_item_id
+    assert all(len(t) == 20 for t in frame["top_item_ids"])
+    weights = frame["ips_weight"] / frame["ips_weight"].sum()
+    assert metrics["test/ips_ndcg@10"] == pytest.approx(float((weights * frame["ndcg@10"]).sum()))
+    assert metrics["ips_gamma"] == 0.5
     # The synthetic data follow a hidden item cycle: a model that learned anything beats chance
     # (about 0.06 NDCG@10 for a random ranking of 50 items) by far.
     assert metrics["test/ndcg@10"] > 0.3

@@ -9,7 +9,10 @@ every metric. Runs evaluated on the same users and targets are compared *paired*
   signed-rank p-value, and with more than one challenger the Holm-corrected p-value (per metric,
   over the challengers, from the larger of the two tests' p-values);
 - runs whose configs differ only in their seeds are also summarised as one row: the mean over
-  seeds with a t interval over seeds (the spread that matters when the seed is the only change).
+  seeds with a t interval over seeds (the spread that matters when the seed is the only change);
+- a metric named `ips_<metric>` is the popularity-debiased one (recsys/evaluation/debiased.py):
+  each user weighted by `ips_weight`, self-normalised, with delta-method intervals and p-values
+  and a paired bootstrap of the weighted ratio (no Wilcoxon test: it has no weighted form here).
 
 An unpaired test on these data would throw away the pairing and understate the evidence; a mean of
 per-batch means would weight users unequally. Neither happens here.
@@ -29,6 +32,13 @@ from omegaconf import OmegaConf
 from scipy import stats
 
 from recsys.errors import UserInputError
+from recsys.evaluation.debiased import (
+    PREFIX,
+    WEIGHT_COLUMN,
+    ips_bootstrap_interval,
+    ips_mean,
+    ips_paired_pvalue,
+)
 
 KEY_COLUMNS = ("user_id", "target_item_id", "rank")
 # Under evaluation.targets=window a row holds all of a user's targets (recsys/evaluation/results.py).
@@ -191,7 +201,22 @@ def compare_runs(
         raise UserInputError(f"compare: needs at least two runs, got {len(runs)}")
     check_paired(runs)
     for name in metrics:
-        missing = [str(r.path) for r in runs if name not in r.per_user.columns]
+        column = _metric_column(name)
+        missing = [str(r.path) for r in runs if column not in r.per_user.columns]
+        if column != name:
+            unweighted = [str(r.path) for r in runs if WEIGHT_COLUMN not in r.per_user.columns]
+            if unweighted:
+                raise UserInputError(
+                    f"compare.metrics: {name!r} needs {WEIGHT_COLUMN} in per_user.parquet, which "
+                    f"{unweighted[0]} lacks (evaluate it again with evaluation.ips_gamma set)"
+                )
+            weights = runs[0].per_user[WEIGHT_COLUMN].to_numpy()
+            for run in runs[1:]:
+                if not np.allclose(run.per_user[WEIGHT_COLUMN].to_numpy(), weights, rtol=1e-12, atol=0):
+                    raise UserInputError(
+                        f"compare.metrics: {name!r}: {run.path} has other {WEIGHT_COLUMN}s than "
+                        f"{runs[0].path} (other training data or another evaluation.ips_gamma)"
+                    )
         if missing:
             available = sorted(
                 c
@@ -203,11 +228,16 @@ def compare_runs(
             )
     rows = []
     for metric in metrics:
-        base = runs[0].per_user[metric].to_numpy(np.float64)
+        column = _metric_column(metric)
+        weights = runs[0].per_user[WEIGHT_COLUMN].to_numpy(np.float64) if column != metric else None
+        base = runs[0].per_user[column].to_numpy(np.float64)
         block = []
         for index, run in enumerate(runs):
-            values = run.per_user[metric].to_numpy(np.float64)
-            mean, low, high = mean_interval(values, confidence)
+            values = run.per_user[column].to_numpy(np.float64)
+            if weights is None:
+                mean, low, high = mean_interval(values, confidence)
+            else:
+                mean, low, high = ips_mean(values, weights, confidence)
             row = {
                 "metric": metric,
                 "run": run.name,
@@ -217,7 +247,7 @@ def compare_runs(
                 "ci_low": low,
                 "ci_high": high,
             }
-            if index > 0:
+            if index > 0 and weights is None:
                 differences = values - base
                 row["diff"] = float(differences.mean())
                 row["diff_ci_low"], row["diff_ci_high"] = paired_bootstrap_interval(
@@ -225,10 +255,18 @@ def compare_runs(
                 )
                 row["p_ttest"] = paired_t_pvalue(base, values)
                 row["p_wilcoxon"] = wilcoxon_pvalue(base, values)
+            elif index > 0:
+                differences = values - base
+                row["diff"] = float((weights * differences).sum() / weights.sum())
+                row["diff_ci_low"], row["diff_ci_high"] = ips_bootstrap_interval(
+                    differences, weights, bootstrap_samples, confidence, seed
+                )
+                row["p_ttest"] = ips_paired_pvalue(differences, weights)
+                row["p_wilcoxon"] = math.nan
             block.append(row)
         challengers = block[1:]
         if len(challengers) > 1:
-            adjusted = holm([max(r["p_ttest"], r["p_wilcoxon"]) for r in challengers])
+            adjusted = holm([float(np.nanmax([r["p_ttest"], r["p_wilcoxon"]])) for r in challengers])
             for row, p in zip(challengers, adjusted):
                 row["p_holm"] = p
         rows.extend(block)
@@ -248,6 +286,11 @@ def compare_runs(
         "p_holm",
     ]
     return pd.DataFrame(rows).reindex(columns=columns)
+
+
+def _metric_column(metric: str) -> str:
+    """The per-user column a compared metric reads: `ips_ndcg@10` weights the `ndcg@10` column."""
+    return metric[len(PREFIX) :] if metric.startswith(PREFIX) else metric
 
 
 # Overrides that change what a run logs or where, not what it learns: left out of variant names.
@@ -352,6 +395,12 @@ def comparison_markdown(
             f"| {row.metric} | {row.run} | {mean} | {diff} | {_format_p(row.p_ttest)} | "
             f"{_format_p(row.p_wilcoxon)} | {_format_p(row.p_holm)} |"
         )
+    if table["metric"].str.startswith(PREFIX).any():
+        lines += [
+            "",
+            f"`{PREFIX}*`: popularity-debiased (each user weighted by `{WEIGHT_COLUMN}`, self-normalised; "
+            "delta-method intervals and t-test, a paired bootstrap of the weighted ratio; no Wilcoxon).",
+        ]
     if seeds is not None and len(seeds):
         lines += [
             "",

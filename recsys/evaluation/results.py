@@ -5,6 +5,9 @@ target's 1-based rank after exclusion, every metric, and what slices are cut by:
 history before the target, the target's training count and whether the target repeats a seen item
 (`repeat_target`; never under evaluation.seen_items=exclude, which leaves those users out).
 Under evaluation.targets=window a row holds all of the user's targets (`window_per_user_frame`).
+Where the model produced them, `top_item_ids` holds the user's recommended list (raw ids, best
+first, max(model.ks) long: what `evaluate.py interleave=` mixes), and `ips_weight` the target's
+inverse exposure propensity (recsys/evaluation/debiased.py, under evaluation.ips_gamma).
 `slices.csv`: the mean metrics by history-length bucket, by target-popularity bucket, by
 repeat or new target and, under a time split, by warm or cold target (`cold_target`: the item has
 no training event), with the user count of each bucket.
@@ -19,6 +22,7 @@ import pandas as pd
 import torch
 
 from recsys.data.sequences import SequenceData
+from recsys.evaluation.debiased import WEIGHT_COLUMN, propensity_weights
 from recsys.evaluation.metrics import metrics_from_positions, metrics_from_ranks
 from recsys.runs.files import atomic_path
 
@@ -37,11 +41,15 @@ def per_user_frame(
     target_positions: np.ndarray | None = None,
     repeat_targets: np.ndarray | None = None,
     cold_items: np.ndarray | None = None,
+    top_items: torch.Tensor | None = None,
+    ips_gamma: float | None = None,
 ) -> pd.DataFrame:
     """`target_positions`: each user's target event of `split` (the data module's split); by
     default plain leave-one-out's (the last event for test, the one before for val).
     `repeat_targets`: per user, whether the target is a seen item (the data module's rule).
-    `cold_items`: per item, no training event (a time split's cold items), for `cold_target`."""
+    `cold_items`: per item, no training event (a time split's cold items), for `cold_target`.
+    `top_items`: (users, K) recommended items, in the order of `users`. `ips_gamma`: the
+    exponent of the exposure propensities (needs `item_counts`)."""
     users_np = users.numpy().astype(np.int64)
     order = np.argsort(users_np, kind="stable")
     users_np = users_np[order]
@@ -61,10 +69,14 @@ def per_user_frame(
     )
     if item_counts is not None:
         frame["target_train_count"] = item_counts.numpy()[target_items]
+        if ips_gamma is not None:
+            frame[WEIGHT_COLUMN] = propensity_weights(frame["target_train_count"].to_numpy(), ips_gamma)
     if repeat_targets is not None:
         frame["repeat_target"] = np.asarray(repeat_targets)[users_np]
     if cold_items is not None:
         frame["cold_target"] = np.asarray(cold_items)[target_items]
+    if top_items is not None:
+        frame["top_item_ids"] = list(data.item_ids[top_items.numpy()[order]])
     for name, values in metrics_from_ranks(ranks, ks).items():
         frame[name] = values.numpy()
     return frame
@@ -77,12 +89,15 @@ def window_per_user_frame(
     evaluated_users: np.ndarray,
     windows,
     cold_items: np.ndarray | None = None,
+    item_counts: torch.Tensor | None = None,
+    ips_gamma: float | None = None,
 ) -> pd.DataFrame:
     """per_user.parquet under evaluation.targets=window: one row per user with the number of
     targets, their raw item ids (in the order first met in the window) and list positions (same
     order; past the catalogue for a miss), the best position as `rank`, the history length
     before the window and every metric. `windows` (recsys/data/evaluated.py) holds the targets of
-    `evaluated_users`, of which the results' users are a subset."""
+    `evaluated_users`, of which the results' users are a subset. With `ips_gamma` (and
+    `item_counts`) a user's `ips_weight` is the mean of their targets' weights."""
     users = results["user"].numpy().astype(np.int64)
     counts = results["targets"].numpy().astype(np.int64)
     flat = results["ranks"].numpy().astype(np.int64)
@@ -108,6 +123,13 @@ def window_per_user_frame(
     if cold_items is not None:  # how many of the user's targets have no training event
         cold = np.asarray(cold_items)[windows.items].astype(np.int64)
         frame["cold_targets"] = [int(cold[b : b + n].sum()) for b, n in zip(begins, counts)]
+    if ips_gamma is not None and item_counts is not None:
+        weights = propensity_weights(item_counts.numpy()[windows.items], ips_gamma)
+        owner = np.repeat(np.arange(len(windows.offsets) - 1), np.diff(windows.offsets))
+        sums = np.bincount(owner, weights, minlength=len(windows.offsets) - 1)
+        frame[WEIGHT_COLUMN] = sums[index] / counts
+    if "top" in results:
+        frame["top_item_ids"] = list(data.item_ids[results["top"].numpy()])
     for name, values in metrics_from_positions(torch.from_numpy(positions), ks).items():
         frame[name] = values.numpy()
     return frame
@@ -159,7 +181,9 @@ def write_csv_atomic(frame: pd.DataFrame, path: str | os.PathLike) -> None:
         frame.to_csv(tmp, index=False)
 
 
-def write_test_results(datamodule, split: str, model, out_dir: str | os.PathLike) -> pd.DataFrame:
+def write_test_results(
+    datamodule, split: str, model, out_dir: str | os.PathLike, ips_gamma: float | None = None
+) -> pd.DataFrame:
     """per_user.parquet and slices.csv of a model's last test pass (train.py and evaluate.py)."""
     if "targets" in model.test_results:  # evaluation.targets=window
         evaluated = datamodule.evaluated(split)
@@ -170,6 +194,8 @@ def write_test_results(datamodule, split: str, model, out_dir: str | os.PathLike
             evaluated.users,
             evaluated.windows,
             datamodule.cold_item_mask(),
+            datamodule.train_item_counts(),
+            ips_gamma,
         )
         write_parquet_atomic(frame, os.path.join(out_dir, "per_user.parquet"))
         write_csv_atomic(slice_metrics(frame), os.path.join(out_dir, "slices.csv"))
@@ -184,6 +210,8 @@ def write_test_results(datamodule, split: str, model, out_dir: str | os.PathLike
         datamodule.split.val_pos if split == "val" else datamodule.split.test_pos,
         datamodule.repeat_targets(split),
         datamodule.cold_item_mask(),
+        model.test_results.get("top"),
+        ips_gamma,
     )
     write_parquet_atomic(frame, os.path.join(out_dir, "per_user.parquet"))
     write_csv_atomic(slice_metrics(frame), os.path.join(out_dir, "slices.csv"))

@@ -400,7 +400,7 @@ class SequentialRecommender(pl.LightningModule):
         self.sampled_metrics.reset()
         if self.list_metrics is not None:
             self.list_metrics.reset()
-        self._test_users, self._test_ranks = [], []
+        self._test_users, self._test_ranks, self._test_top = [], [], []
 
     def _batch_generator(self, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Generator:
         """The generator of a batch's sampled negatives, seeded by evaluation.sampled.seed and the
@@ -434,6 +434,8 @@ class SequentialRecommender(pl.LightningModule):
             )
         self._test_users.append(batch["user"].cpu())
         self._test_ranks.append(ranks.cpu())  # (B,) or, several targets per user, (B, T)
+        if top is not None:  # the recommended lists, kept for per_user.parquet (interleaving)
+            self._test_top.append(top.cpu())
 
     def on_test_epoch_end(self) -> None:
         results = self.test_metrics.compute(self._reduce_sum)
@@ -457,8 +459,13 @@ class SequentialRecommender(pl.LightningModule):
         users = users[order]
         if len(users) > 1 and bool((users[1:] == users[:-1]).any()):
             raise RuntimeError("test: a user was evaluated more than once (duplicated across processes)")
+        top = {}
+        if self.list_metrics is not None:  # every rank ranked with the same k (possibly no batch)
+            k = min(max(self.ks), self.num_items)
+            local_top = torch.cat(self._test_top) if self._test_top else empty.reshape(0, k)
+            top = {"top": self._gather_cat(local_top.reshape(-1)).reshape(-1, k)[order]}
         if self.eval_targets != "window":
-            self.test_results = {"user": users, "rank": ranks[order]}
+            self.test_results = {"user": users, "rank": ranks[order], **top}
             return
         # Each user's run of positions, moved into user order with one index (no per-user loop).
         begins = torch.cumsum(counts, 0) - counts
@@ -474,4 +481,5 @@ class SequentialRecommender(pl.LightningModule):
             "rank": best.scatter_reduce(0, owner, flat, reduce="amin"),
             "targets": sorted_counts,
             "ranks": flat,
+            **top,
         }
