@@ -4,10 +4,15 @@
     python evaluate.py ckpt_path=RUN/checkpoints/best.ckpt strategy=ddp devices=2 [accelerator=cpu]
     python evaluate.py compare=[RUN_A,RUN_B,...] [compare_metrics=[ndcg@10,hr@10]]
     python evaluate.py table=[RUN_A,RUN_B,...] [table_metrics=[test/ndcg@10,...]]
+    python evaluate.py interleave=[RUN_A,RUN_B] [interleave_metric=ndcg@10]
+    python evaluate.py plan=[RUN_A,RUN_B] [plan_metric=ndcg@10] [plan_cuped=true plan_pre_period=RUN_A_VAL]
 
 compare: paired statistics of the runs' per-user results against the first (recsys/evaluation/compare.py),
 written as comparison.md and comparison.csv. table: one row per run (recsys/evaluation/tables.py), written
-as results.md, results.csv and results.tex. Each mode writes into hydra.run.dir.
+as results.md, results.csv and results.tex. interleave: offline team-draft interleaving of two runs'
+top-K lists (recsys/evaluation/interleaving.py), written as interleave.md and interleave.csv. plan:
+the online A/B test that would follow (recsys/evaluation/planning.py), written as plan.md and
+plan.csv. Each mode writes into hydra.run.dir.
 
 Rebuilds the data from the run's saved config.yaml, refuses a checkpoint whose data fingerprint
 differs from that data's, evaluates with the same code as train.py's test step, and writes
@@ -21,6 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import hydra
+import numpy as np
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
@@ -30,13 +36,26 @@ from recsys.data.split import SPLITS
 from recsys.errors import UserInputError
 from recsys.evaluation.compare import (
     average_over_seeds,
+    check_paired,
     compare_runs,
     comparison_markdown,
     load_run,
+    paired_t_pvalue,
     seed_summary,
+    target_column,
 )
 from recsys.evaluation.debiased import check_gamma, debiased_metrics
+from recsys.evaluation.interleaving import (
+    TOP_ITEMS_COLUMN,
+    check_has_top_items,
+    interleave_credit,
+    interleaving_markdown,
+    preference_summary,
+    smallest_sufficient,
+    users_needed,
+)
 from recsys.evaluation.metrics import check_seen_items
+from recsys.evaluation.planning import ab_plan, plan_markdown
 from recsys.evaluation.results import write_test_results
 from recsys.evaluation.tables import format_table, results_table, to_markdown, write_tables
 from recsys.models.from_config import build_model, data_info
@@ -166,7 +185,92 @@ def tabulate(cfg: DictConfig, out_dir: Path) -> dict:
     return {"runs": len(table)}
 
 
-MODES = {"ckpt_path": evaluate, "compare": compare, "table": tabulate}
+def interleave(cfg: DictConfig, out_dir: Path) -> dict:
+    if len(cfg.interleave) != 2:
+        raise UserInputError(f"interleave: give two runs, [A,B], got {len(cfg.interleave)}")
+    runs = [load_run(path, key="interleave") for path in cfg.interleave]
+    for run in runs:
+        check_has_top_items(run.per_user.columns, run.path)
+    check_paired(runs, key="interleave")
+    metric = cfg.interleave_metric
+    if any(metric not in run.per_user.columns for run in runs):
+        raise UserInputError(f"interleave_metric: no per-user column {metric!r} in both runs")
+    a, b = (run.per_user for run in runs)
+    credit = interleave_credit(a[TOP_ITEMS_COLUMN], b[TOP_ITEMS_COLUMN], a[target_column(a)], seed=cfg.seed)
+    summary = preference_summary(credit, cfg.confidence)
+    differences = b[metric].to_numpy(float) - a[metric].to_numpy(float)
+    # Up to four times the test users, resampled: "how many users would it take" may exceed them.
+    sizes = np.unique(np.round(np.geomspace(min(20, len(a)), 4 * len(a), 16)).astype(int))
+    table = users_needed(credit, differences, cfg.plan_alpha, sizes, cfg.interleave_repetitions, cfg.seed)
+    sufficient = smallest_sufficient(table, cfg.plan_power)
+    paired = {"diff": float(differences.mean()), "pvalue": paired_t_pvalue(a[metric], b[metric])}
+    markdown = interleaving_markdown(
+        summary,
+        table,
+        sufficient,
+        runs[0].name,
+        runs[1].name,
+        metric,
+        paired,
+        cfg.plan_power,
+        cfg.plan_alpha,
+        cfg.confidence,
+    )
+    with atomic_path(out_dir / "interleave.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    with atomic_path(out_dir / "interleave.md") as tmp:
+        tmp.write_text(markdown)
+    write_json_atomic(
+        out_dir / "interleave.json", {**summary, **{f"users_needed_{k}": v for k, v in sufficient.items()}}
+    )
+    print(markdown + f"\nwritten to {out_dir}")
+    return summary
+
+
+def plan(cfg: DictConfig, out_dir: Path) -> dict:
+    if len(cfg.plan) != 2:
+        raise UserInputError(f"plan: give two runs, [A,B], got {len(cfg.plan)}")
+    runs = [load_run(path, key="plan") for path in cfg.plan]
+    check_paired(runs, key="plan")
+    metric = cfg.plan_metric
+    if any(metric not in run.per_user.columns for run in runs):
+        raise UserInputError(f"plan_metric: no per-user column {metric!r} in both runs")
+    pre = None
+    if cfg.plan_cuped:
+        if cfg.plan_pre_period is None:
+            raise UserInputError(
+                "plan_pre_period: plan_cuped=true needs the pre-period per-user results, e.g. "
+                "evaluate.py ckpt_path=<A's checkpoint> split=val (a time split's validation window)"
+            )
+        pre_run = load_run(cfg.plan_pre_period, key="plan_pre_period")
+        if metric not in pre_run.per_user.columns:
+            raise UserInputError(f"plan_pre_period: no per-user column {metric!r} in {pre_run.path}")
+        # Test users without a pre-period event get NaN: CUPED leaves them unadjusted (counted).
+        pre = (
+            pre_run.per_user.set_index("user_id")[metric]
+            .reindex(runs[0].per_user["user_id"])
+            .to_numpy(dtype=float)
+        )
+    elif cfg.plan_pre_period is not None:
+        raise UserInputError("plan_pre_period: only read with plan_cuped=true")
+    a, b = (run.per_user[metric].to_numpy(dtype=float) for run in runs)
+    result = ab_plan(a, b, cfg.plan_alpha, cfg.plan_power, cfg.plan_users_per_arm, pre)
+    markdown = plan_markdown(result, metric, runs[0].name, runs[1].name)
+    with atomic_path(out_dir / "plan.csv") as tmp:
+        result.table().to_csv(tmp, index=False)
+    with atomic_path(out_dir / "plan.md") as tmp:
+        tmp.write_text(markdown)
+    print(markdown + f"\nwritten to {out_dir}")
+    return {"users": len(a)}
+
+
+MODES = {
+    "ckpt_path": evaluate,
+    "compare": compare,
+    "table": tabulate,
+    "interleave": interleave,
+    "plan": plan,
+}
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
@@ -177,7 +281,8 @@ def main(cfg: DictConfig) -> None:
     def run() -> dict:
         if len(chosen) != 1:
             raise UserInputError(
-                "evaluate.py: give exactly one of ckpt_path=CKPT, compare=[RUN,...], table=[RUN,...]"
+                "evaluate.py: give exactly one of ckpt_path=CKPT, compare=[RUN,...], table=[RUN,...], "
+                "interleave=[RUN_A,RUN_B], plan=[RUN_A,RUN_B]"
                 + (f" (got {', '.join(chosen)})" if chosen else "")
             )
         return MODES[chosen[0]](cfg, out_dir)

@@ -98,13 +98,14 @@ def _config_key(run_dir: Path) -> str | None:
     return json.dumps(strip(container), sort_keys=True, default=str)
 
 
-def load_run(path: str | Path) -> RunResults:
+def load_run(path: str | Path, key: str = "compare") -> RunResults:
+    """A run's per-user results, sorted by user; `key` names the option in errors."""
     path = Path(path)
     per_user = path / "per_user.parquet"
     if not path.is_dir():
-        raise UserInputError(f"compare: {path} is not a directory")
+        raise UserInputError(f"{key}: {path} is not a directory")
     if not per_user.is_file():
-        raise UserInputError(f"compare: {path} has no per_user.parquet (train.py and evaluate.py write it)")
+        raise UserInputError(f"{key}: {path} has no per_user.parquet (train.py and evaluate.py write it)")
     frame = pd.read_parquet(per_user)
     missing = [
         c
@@ -112,14 +113,14 @@ def load_run(path: str | Path) -> RunResults:
         if c not in frame.columns
     ]
     if missing:
-        raise UserInputError(f"compare: {per_user} lacks the column(s) {missing}")
+        raise UserInputError(f"{key}: {per_user} lacks the column(s) {missing}")
     if frame["user_id"].duplicated().any():
-        raise UserInputError(f"compare: {per_user} has more than one row for some users")
+        raise UserInputError(f"{key}: {per_user} has more than one row for some users")
     frame = frame.sort_values("user_id", kind="stable").reset_index(drop=True)
     return RunResults(path.name, path, frame, _config_key(path))
 
 
-def check_paired(runs: Sequence[RunResults]) -> None:
+def check_paired(runs: Sequence[RunResults], key: str = "compare") -> None:
     """Refuse runs that were not evaluated on exactly the same users and targets."""
     base = runs[0].per_user
     for run in runs[1:]:
@@ -130,7 +131,7 @@ def check_paired(runs: Sequence[RunResults]) -> None:
         )
         if not same:
             raise UserInputError(
-                f"compare: {run.path} was evaluated on other users or targets than {runs[0].path} "
+                f"{key}: {run.path} was evaluated on other users or targets than {runs[0].path} "
                 f"({len(other)} vs {len(base)} users); paired comparison needs the same ones"
             )
 
