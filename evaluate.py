@@ -200,7 +200,7 @@ def interleave(cfg: DictConfig, out_dir: Path) -> dict:
     summary = preference_summary(credit, cfg.confidence)
     differences = b[metric].to_numpy(float) - a[metric].to_numpy(float)
     # Up to four times the test users, resampled: "how many users would it take" may exceed them.
-    sizes = np.unique(np.round(np.geomspace(min(20, len(a)), 4 * len(a), 16)).astype(int))
+    sizes = np.unique(np.round(np.geomspace(min(20, len(a)), 4 * len(a), 24)).astype(int))
     table = users_needed(credit, differences, cfg.plan_alpha, sizes, cfg.interleave_repetitions, cfg.seed)
     sufficient = smallest_sufficient(table, cfg.plan_power)
     paired = {"diff": float(differences.mean()), "pvalue": paired_t_pvalue(a[metric], b[metric])}

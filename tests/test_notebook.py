@@ -71,3 +71,41 @@ def test_browse_buy_notebook_executes_on_small_data_and_compares_variants(
     assert {p.name for p in (tmp_path / "figures").iterdir()} == {"purchases_browsed_before.png"}
     assert "Paired comparison against `experiment=browse_buy_purchases (2 seeds)`" in outputs
     assert "experiment=browse_buy_typed (2 seeds)" in outputs
+
+
+def test_offline_online_notebook_executes_and_saves_its_figures(tmp_path, monkeypatch):
+    import numpy as np
+    import pandas as pd
+
+    # Two runs on the same 300 users (B puts the target higher more often) and A's pre-period.
+    rng = np.random.default_rng(0)
+    users, targets = np.arange(300), rng.integers(0, 500, 300)
+    paths = []
+    for name, lift in (("a", 0.2), ("b", 0.5), ("a_pre", 0.2)):
+        lists, ranks = [], []
+        for target in targets:
+            items = [int(i) for i in rng.choice(np.setdiff1d(np.arange(500), [target]), 20, replace=False)]
+            rank = int(rng.integers(1, 21)) if rng.random() < lift else 100
+            if rank <= 20:
+                items[rank - 1] = int(target)
+            lists.append(items)
+            ranks.append(rank)
+        ranks = np.asarray(ranks)
+        path = tmp_path / name
+        path.mkdir()
+        pd.DataFrame(
+            {
+                "user_id": users,
+                "target_item_id": targets,
+                "rank": ranks,
+                "ndcg@10": np.where(ranks <= 10, 1 / np.log2(ranks + 1), 0.0),
+                "top_item_ids": lists,
+            }
+        ).to_parquet(path / "per_user.parquet")
+        paths.append(str(path))
+    monkeypatch.setenv("RECSYS_OFFLINE_ONLINE_RUNS", ",".join(paths))
+    monkeypatch.setenv("RECSYS_NOTEBOOK_FIGURES", str(tmp_path / "figures"))
+    outputs = execute("offline_online.ipynb", timeout=300)
+    figures = {p.name for p in (tmp_path / "figures").iterdir()}
+    assert figures == {"preference_share.png", "power_curves.png", "cuped_gain.png"}
+    assert "Users needed for power 0.8" in outputs and "CUPED" in outputs

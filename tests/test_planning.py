@@ -309,3 +309,11 @@ def test_no_observed_difference_needs_every_user_and_still_reports():
     assert math.isnan(plan.cuped.users_saved) and plan.cuped.mde < plan.mde
     text = plan_markdown(plan, "hr@10", "a", "b")
     assert "∞" in text and "minimum detectable effect" in text
+
+
+def test_minimum_detectable_effect_is_positive_and_falls_with_users():
+    # statsmodels' two-sided solve can return the negative root (it did at 2,953 users per arm).
+    users = np.geomspace(100, 24_500, 40)
+    effects = [minimum_detectable_effect(n, 0.1279, 0.121) for n in users]
+    assert all(e > 0 for e in effects)
+    assert all(later < earlier for earlier, later in zip(effects, effects[1:]))

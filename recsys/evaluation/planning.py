@@ -127,7 +127,8 @@ def minimum_detectable_effect(
         return 0.0
     solver = TTestIndPower()
     design = {"nobs1": users, "alpha": alpha, "ratio": 1.0, "alternative": "two-sided"}
-    effect_size = float(np.squeeze(solver.solve_power(power=power, **design)))
+    # Two-sided power is symmetric in the effect's sign: the solver may land on the negative root.
+    effect_size = abs(float(np.squeeze(solver.solve_power(power=power, **design))))
 
     # solve_power stops where the power is within about 1e-4 of the target, which at large
     # samples leaves the effect off by 1e-4 relative; a bracketed root around it polishes it so
