@@ -11,6 +11,7 @@ from recsys.errors import UserInputError
 from recsys.evaluation.metrics import top_k_items
 from recsys.models.bert4rec import BERT4Rec
 from recsys.models.gru4rec import GRU4Rec
+from recsys.models.hstu import HSTU
 from recsys.models.network import DataInfo
 from recsys.models.popular import MostPopular
 from recsys.models.sasrec import SASRec
@@ -32,6 +33,7 @@ MODELS = {
     "sasrec_from_end": lambda: SASRec(DataInfo(NUM_ITEMS), max_len=MAX_LEN, dim=16, positions_from_end=True),
     "bert4rec": lambda: BERT4Rec(DataInfo(NUM_ITEMS), max_len=MAX_LEN, dim=16),
     "gru4rec": lambda: GRU4Rec(DataInfo(NUM_ITEMS), max_len=MAX_LEN, dim=16),
+    "hstu": lambda: HSTU(DataInfo(NUM_ITEMS), max_len=MAX_LEN, dim=16),
     "sasrec_attributes": lambda: SASRec(
         DataInfo(NUM_ITEMS, item_features=attributes()), max_len=MAX_LEN, dim=16
     ),

@@ -14,6 +14,7 @@ from recsys.evaluation.metrics import chunked_ranking, target_ranks, top_k_items
 from recsys.fused_cross_entropy import unavailable_reason as fused_unavailable_reason
 from recsys.losses import FullCrossEntropy
 from recsys.models.bert4rec import BERT4Rec
+from recsys.models.hstu import HSTU
 from recsys.models.network import DataInfo
 from recsys.models.sasrec import SASRec
 from recsys.models.transformer import SelfAttention, reference_attention
@@ -127,7 +128,7 @@ def test_chunked_ranking_on_gpu_equals_full_ranking():
 
 
 @pytest.mark.skipif(hardware.compile_problem("cuda") is not None, reason="torch.compile cannot run")
-@pytest.mark.parametrize("model_class", [SASRec, BERT4Rec])
+@pytest.mark.parametrize("model_class", [SASRec, BERT4Rec, HSTU])
 def test_compiled_and_eager_agree_on_gpu(model_class):
     torch.manual_seed(4)
     model = model_class(DataInfo(300), max_len=20, dim=32, dropout=0.0).to(CUDA).eval()

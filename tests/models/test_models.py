@@ -3,10 +3,12 @@
 import pytest
 import torch
 
+from recsys.data.features import NUM_GAP_BUCKETS
 from recsys.errors import UserInputError
 from recsys.losses import BinaryCrossEntropy, FullCrossEntropy
 from recsys.models.bert4rec import BERT4Rec
 from recsys.models.gru4rec import GRU4Rec
+from recsys.models.hstu import HSTU
 from recsys.models.network import DataInfo, flat_positions, target_positions
 from recsys.models.popular import MostPopular
 from recsys.models.sasrec import SASRec
@@ -192,15 +194,87 @@ def test_bert4rec_positions_from_end():
     )
 
 
-@pytest.mark.parametrize("model_class", [SASRec, GRU4Rec])
-def test_causal_models_ignore_later_items_and_padding(model_class):
+# Every causal network, with and without event-type / time-gap inputs: (name, constructor).
+CAUSAL_MODELS = {
+    "sasrec": lambda: SASRec(DataInfo(30), max_len=8, dim=16),
+    "sasrec_events": lambda: SASRec(
+        DataInfo(30, num_event_types=3), max_len=8, dim=16, event_embedding=True, time_gaps=True
+    ),
+    "gru4rec": lambda: GRU4Rec(DataInfo(30), max_len=8, dim=16),
+    "hstu": lambda: HSTU(DataInfo(30), max_len=8, dim=16),
+    "hstu_events": lambda: HSTU(
+        DataInfo(30, num_event_types=3), max_len=8, dim=16, event_embedding=True, time_gaps=True
+    ),
+}
+
+
+def random_history(generator, batch, width):
+    """Right-padded random items (B, width) with lengths 1..width, and matching event types and
+    gap buckets (0 at padding)."""
+    lengths = torch.randint(1, width + 1, (batch,), generator=generator)
+    real = torch.arange(width)[None, :] < lengths[:, None]
+    items = torch.randint(1, 31, (batch, width), generator=generator) * real
+    events = torch.randint(1, 4, (batch, width), generator=generator) * real
+    gaps = torch.randint(1, NUM_GAP_BUCKETS, (batch, width), generator=generator) * real
+    return items, events, gaps, lengths
+
+
+@pytest.mark.parametrize("name", list(CAUSAL_MODELS))
+def test_no_causal_model_looks_ahead_or_reads_padding(name):
+    """Changing the items (and event inputs) after position t never changes the output at t, and
+    extra right padding never changes a real position's output; over random shapes."""
     torch.manual_seed(0)
-    model = model_class(DataInfo(30), max_len=8, dim=16).eval()
-    a = model(right_padded([[1, 2, 3, 4]], 6))
-    b = model(right_padded([[1, 2, 3, 9]], 6))
-    torch.testing.assert_close(a[0, :3], b[0, :3])
-    scores = model.score(right_padded([[1, 2, 3]], 3))
-    torch.testing.assert_close(model.score(right_padded([[1, 2, 3]], 7)), scores)
+    model = CAUSAL_MODELS[name]().eval()
+    reads_events = model.reads_events
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        batch, width = (
+            int(torch.randint(1, 5, (1,), generator=generator)),
+            int(torch.randint(2, 9, (1,), generator=generator)),
+        )
+        items, events, gaps, lengths = random_history(generator, batch, width)
+        inputs = (events, gaps) if reads_events else ()
+        t = int(torch.randint(0, width - 1, (1,), generator=generator))
+        later = torch.arange(width)[None, :] > t
+        real = items != 0
+        changed = torch.where(later & real, torch.randint(1, 31, items.shape, generator=generator), items)
+        changed_inputs = tuple(
+            torch.where(later & real, torch.randint(1, 4, x.shape, generator=generator), x) for x in inputs
+        )
+        with torch.no_grad():
+            before = model(items, *inputs)
+            after = model(changed, *changed_inputs)
+            torch.testing.assert_close(before[:, : t + 1], after[:, : t + 1])
+            padded = (
+                model(*(torch.nn.functional.pad(x, (0, 3)) for x in (items, *inputs)))
+                if width + 3 <= 8
+                else None
+            )
+        if padded is not None:
+            torch.testing.assert_close(padded[:, :width][real], before[real])
+    scores = model.score(
+        right_padded([[1, 2, 3]], 3),
+        **(
+            {"events": torch.ones(1, 3, dtype=torch.long), "gaps": torch.ones(1, 3, dtype=torch.long)}
+            if reads_events
+            else {}
+        ),
+    )
+    assert scores.shape == (1, 31)
+
+
+def test_bert4rec_never_reads_padding():
+    # BERT4Rec's own contract: a masked position sees both sides (test above), padding never.
+    torch.manual_seed(0)
+    model = BERT4Rec(DataInfo(30), max_len=8, dim=16).eval()
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(20):
+        items, _, _, _ = random_history(generator, 3, 5)
+        real = items != 0
+        with torch.no_grad():
+            before = model(items)
+            padded = model(torch.nn.functional.pad(items, (0, 3)))
+        torch.testing.assert_close(padded[:, :5][real], before[real])
 
 
 def test_most_popular_ranks_by_training_counts():
