@@ -214,7 +214,7 @@ class NegativeSampler:
     def __init__(self, distribution: str = "uniform", seed: int = 0, item_counts: torch.Tensor | None = None):
         if distribution not in ("uniform", "popularity"):
             raise UserInputError(
-                f"loss.sampler: {distribution!r} is not one of ['uniform', 'popularity', 'in_batch']"
+                f"loss.sampler: {distribution!r} is not one of ['uniform', 'popularity', 'in_batch', 'mixed']"
             )
         self.distribution = distribution
         self.seed = seed
@@ -325,6 +325,13 @@ class SampledSoftmax(nn.Module):
     is among them exactly once). They were drawn in proportion to popularity, so with
     `logq_correction` every candidate's logit gets - log q(item) (Yi et al., RecSys 2019).
     `num_negatives` is then unused.
+
+    sampler `mixed` (mixed negative sampling, Yang et al., WWW 2020; eSASRec's loss): the batch's
+    distinct targets as above plus `num_negatives` items drawn uniformly, shared by every token of
+    the batch. In-batch candidates are rare in the tail, uniform ones reach it. Each part gets its
+    own correction: - log q(item) for the in-batch candidates (popularity), - log(N / num_items)
+    for the uniform ones. A uniform draw equal to a token's own positive is left out of that
+    token's softmax (the positive is already there, once, among the in-batch candidates).
     """
 
     uses_item_counts = True  # recsys/models/from_config.py passes the training counts
@@ -340,8 +347,11 @@ class SampledSoftmax(nn.Module):
         super().__init__()
         _check_num_negatives(num_negatives)
         self.num_negatives = num_negatives
-        self.in_batch = sampler == "in_batch"
+        self.in_batch = sampler in ("in_batch", "mixed")
+        self.mixed = sampler == "mixed"
         self.sampler = NegativeSampler("popularity" if self.in_batch else sampler, seed, item_counts)
+        # mixed: the uniform part's draws, from their own seeded generator.
+        self.uniform = NegativeSampler("uniform", seed) if self.mixed else None
         self.logq_correction = logq_correction
 
     def forward(
@@ -354,6 +364,8 @@ class SampledSoftmax(nn.Module):
                 logits = hidden.float() @ item_embeddings[candidates].float().T
             if self.logq_correction:
                 logits = logits - self.sampler.probabilities(num_items, hidden.device)[candidates].log()
+            if self.mixed:
+                logits = torch.cat([logits, self._uniform_logits(hidden, targets, item_embeddings)], dim=1)
             return F.cross_entropy(logits, positive_column)
         negatives = self.sampler(targets, num_items, self.num_negatives)
         positive, negative = _positive_and_negative_logits(hidden, targets, item_embeddings, negatives)
@@ -362,6 +374,22 @@ class SampledSoftmax(nn.Module):
             negative = negative - (self.num_negatives * q).log()
         logits = torch.cat([positive[:, None], negative], dim=1)
         return F.cross_entropy(logits, torch.zeros_like(targets))
+
+    def _uniform_logits(
+        self, hidden: torch.Tensor, targets: torch.Tensor, item_embeddings: torch.Tensor
+    ) -> torch.Tensor:
+        """(T, N) logits of `num_negatives` items drawn uniformly (with replacement) for the whole
+        batch, logQ-corrected, each token's own positive masked out."""
+        num_items = item_embeddings.size(0) - 1
+        generator = self.uniform._rng(targets.device)
+        drawn = torch.randint(
+            1, num_items + 1, (self.num_negatives,), device=targets.device, generator=generator
+        )
+        with float32_logits(hidden):
+            logits = hidden.float() @ item_embeddings[drawn].float().T
+        if self.logq_correction:
+            logits = logits - math.log(self.num_negatives / num_items)
+        return logits.masked_fill(drawn[None, :] == targets[:, None], -torch.inf)
 
 
 class BinaryCrossEntropy(nn.Module):

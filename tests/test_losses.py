@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -167,6 +169,30 @@ def test_in_batch_softmax_matches_a_plain_computation(logq):
     assert_same_value_and_grads(loss_fn(hidden, targets, table), reference, (hidden, table))
 
 
+@pytest.mark.parametrize("logq", [False, True])
+def test_mixed_negatives_match_a_plain_computation(logq):
+    hidden, table, targets = small_problem(tokens=15, items=6)
+    counts = torch.tensor([0, 5, 1, 9, 2, 7, 3])
+    loss_fn = SampledSoftmax(
+        num_negatives=4, sampler="mixed", logq_correction=logq, seed=3, item_counts=counts
+    )
+    # The uniform part: 4 draws for the batch from the loss's own seeded generator.
+    drawn = torch.randint(1, 7, (4,), generator=torch.Generator().manual_seed(3)).tolist()
+    candidates = sorted(set(targets.tolist()))
+    q = (counts.float() + 1) / (counts[1:].float() + 1).sum()
+    terms = []
+    for row in range(len(targets)):
+        target = int(targets[row])
+        in_batch = [hidden[row] @ table[c] - (q[c].log() if logq else 0) for c in candidates]
+        # A uniform draw equal to the token's positive is left out; the others count, repeats too.
+        uniform = [hidden[row] @ table[d] - (math.log(4 / 6) if logq else 0) for d in drawn if d != target]
+        logits = torch.stack(in_batch + uniform)
+        terms.append(torch.logsumexp(logits, 0) - in_batch[candidates.index(target)])
+    reference = torch.stack(terms).mean()
+    assert_same_value_and_grads(loss_fn(hidden, targets, table), reference, (hidden, table))
+    assert any(d in targets.tolist() for d in drawn)  # the masking above was exercised
+
+
 def test_popularity_negatives_never_hit_the_positive_and_follow_the_counts():
     counts = torch.tensor([0, 1000, 10, 10, 100, 0])  # the target is by far the most popular item
     targets = torch.full((4000,), 1)
@@ -314,9 +340,10 @@ def test_chunked_cross_entropy_computes_in_float32_under_cpu_bf16_autocast(optio
         lambda: FullCrossEntropy(chunk_size=None),
         lambda: SampledSoftmax(20, seed=1),
         lambda: SampledSoftmax(sampler="in_batch", item_counts=torch.arange(201)),
+        lambda: SampledSoftmax(16, sampler="mixed", seed=1, item_counts=torch.arange(201)),
         lambda: BinaryCrossEntropy(3, seed=1),
     ],
-    ids=["ce_unchunked", "sampled_softmax", "in_batch", "bce"],
+    ids=["ce_unchunked", "sampled_softmax", "in_batch", "mixed", "bce"],
 )
 def test_every_pytorch_loss_computes_logits_in_float32_under_cpu_bf16_autocast(make):
     generator = torch.Generator().manual_seed(0)

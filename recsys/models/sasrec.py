@@ -12,13 +12,20 @@ only the positions the data module marks as targets (`target_mask`, from `data.t
 With item attributes in the data (`data.item_features`), an item's vector adds the mean of its
 attribute embeddings to its id embedding, or with `model.item_id=false` is that mean alone
 (recsys/models/item_attributes.py).
+
+`model.block=ligr` swaps the transformer blocks for LiGR layers (gated residuals, a SwiGLU
+feed-forward layer; recsys/models/transformer.py), eSASRec's architecture.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import nn
 
+from recsys.errors import UserInputError
 from recsys.models.events import BehaviourEmbedding
 from recsys.models.item_attributes import embed_items, item_attributes, item_table
 from recsys.models.network import (
@@ -30,7 +37,7 @@ from recsys.models.network import (
     position_ids,
     target_positions,
 )
-from recsys.models.transformer import TransformerBlock, init_weights
+from recsys.models.transformer import BLOCKS, LiGRBlock, TransformerBlock, init_weights
 
 
 class SASRec(SequenceNetwork):
@@ -52,19 +59,27 @@ class SASRec(SequenceNetwork):
         time_gaps: bool = False,
         item_id: bool = True,
         item_features: bool = True,
+        block: str = "transformer",
     ):
         super().__init__(data, max_len)
+        self.check_options({"block": block})
         self.positions_from_end = positions_from_end
         self.embedding_scale = dim**0.5 if scale_embeddings else 1.0
         self.item_embedding = nn.Embedding(data.num_items + 1, dim, padding_idx=0) if item_id else None
         self.position_embedding = nn.Embedding(max_len, dim)
         self.embedding_dropout = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(
-            TransformerBlock(dim, num_heads, ffn_dim or 4 * dim, dropout, pre_norm, attention_dropout)
-            for _ in range(num_blocks)
-        )
+        if block == "ligr":  # pre-norm by construction
+            self.blocks = nn.ModuleList(
+                LiGRBlock(dim, num_heads, ffn_dim or 4 * dim, dropout, attention_dropout)
+                for _ in range(num_blocks)
+            )
+        else:
+            self.blocks = nn.ModuleList(
+                TransformerBlock(dim, num_heads, ffn_dim or 4 * dim, dropout, pre_norm, attention_dropout)
+                for _ in range(num_blocks)
+            )
         # Pre-norm blocks leave the residual stream un-normalised: normalise once at the end.
-        self.final_norm = nn.LayerNorm(dim) if pre_norm else nn.Identity()
+        self.final_norm = nn.LayerNorm(dim) if pre_norm or block == "ligr" else nn.Identity()
         # Last, so that with both switches off nothing about the model changes.
         self.behaviour = BehaviourEmbedding(dim, data.num_event_types, event_embedding, time_gaps)
         init_weights(self, init_std)
@@ -72,6 +87,12 @@ class SASRec(SequenceNetwork):
         self.item_attributes = item_attributes(
             data, dim, data.num_items + 1, init_std, item_features, item_id, "SASRec"
         )
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> None:
+        block = options.get("block", "transformer")
+        if block not in BLOCKS:
+            raise UserInputError(f"model.block: {block!r} is not one of {list(BLOCKS)}")
 
     @property
     def reads_events(self) -> bool:

@@ -99,6 +99,57 @@ class TransformerBlock(nn.Module):
         return self.ffn_norm(x + self.dropout(self.ffn(x)))
 
 
+class SwiGLU(nn.Module):
+    """The gated feed-forward layer W2 (SiLU(W1 x) * W3 x) (Shazeer 2020), without biases."""
+
+    def __init__(self, dim: int, inner_dim: int, dropout: float):
+        super().__init__()
+        self.gate = nn.Linear(dim, inner_dim, bias=False)
+        self.up = nn.Linear(dim, inner_dim, bias=False)
+        self.down = nn.Linear(inner_dim, dim, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.dropout(F.silu(self.gate(x)) * self.up(x)))
+
+
+class LiGRBlock(nn.Module):
+    """A LiGR transformer layer (Borisyuk et al., "From Features to Transformers", 2025; the layer
+    of eSASRec, Tikhonov et al., RecSys 2025): pre-layer-norm self-attention and a SwiGLU
+    feed-forward layer, each added to the residual stream through a learned sigmoid gate per
+    dimension, computed from the layer's normalised input:
+
+        h = LN1(x);  x = x + sigmoid(G1 h) * attention(h)
+        h = LN2(x);  x = x + sigmoid(G2 h) * SwiGLU(h)
+
+    The gates let a layer pass its input through unchanged where its update does not help, which
+    the eSASRec paper found to train more stably than the plain residual.
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int, ffn_dim: int, dropout: float, attention_dropout: float = 0.0
+    ):
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(dim)
+        self.attn = SelfAttention(dim, num_heads, attention_dropout)
+        self.attn_gate = nn.Linear(dim, dim)
+        self.ffn_norm = nn.LayerNorm(dim)
+        self.ffn = SwiGLU(dim, ffn_dim, dropout)
+        self.ffn_gate = nn.Linear(dim, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self, x: torch.Tensor, is_causal: bool, key_padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        h = self.attn_norm(x)
+        x = x + torch.sigmoid(self.attn_gate(h)) * self.dropout(self.attn(h, is_causal, key_padding_mask))
+        h = self.ffn_norm(x)
+        return x + torch.sigmoid(self.ffn_gate(h)) * self.dropout(self.ffn(h))
+
+
+BLOCKS = ("transformer", "ligr")
+
+
 def init_weights(model: nn.Module, std: float) -> None:
     """N(0, std) for every linear and embedding weight, zero biases, a zero padding embedding.
 

@@ -12,6 +12,7 @@ from recsys.models.hstu import HSTU
 from recsys.models.network import DataInfo, flat_positions, target_positions
 from recsys.models.popular import MostPopular
 from recsys.models.sasrec import SASRec
+from recsys.models.transformer import LiGRBlock, TransformerBlock
 from recsys.training.module import check_loss
 from tests.builders import module
 
@@ -200,6 +201,7 @@ CAUSAL_MODELS = {
     "sasrec_events": lambda: SASRec(
         DataInfo(30, num_event_types=3), max_len=8, dim=16, event_embedding=True, time_gaps=True
     ),
+    "sasrec_ligr": lambda: SASRec(DataInfo(30), max_len=8, dim=16, block="ligr"),
     "gru4rec": lambda: GRU4Rec(DataInfo(30), max_len=8, dim=16),
     "hstu": lambda: HSTU(DataInfo(30), max_len=8, dim=16),
     "hstu_events": lambda: HSTU(
@@ -287,7 +289,29 @@ def test_most_popular_ranks_by_training_counts():
         check_loss(MostPopular, FullCrossEntropy())
 
 
+def test_ligr_blocks_gate_each_update_and_train():
+    torch.manual_seed(0)
+    plain = SASRec(DataInfo(20), max_len=6, dim=8)
+    torch.manual_seed(0)
+    ligr = SASRec(DataInfo(20), max_len=6, dim=8, block="ligr", dropout=0.0)
+    assert isinstance(ligr.blocks[0], LiGRBlock) and isinstance(plain.blocks[0], TransformerBlock)
+    block = ligr.blocks[0].eval()
+    x = torch.randn(2, 5, 8)
+    # With the gates' biases driven to -inf, the block passes its input through unchanged.
+    with torch.no_grad():
+        block.attn_gate.bias.fill_(-1e4)
+        block.ffn_gate.bias.fill_(-1e4)
+    torch.testing.assert_close(block(x, is_causal=True), x)
+    batch = {"input_ids": right_padded([[1, 2, 3, 4]], 6), "target_ids": right_padded([[2, 3, 4, 5]], 6)}
+    model = module(SASRec(DataInfo(20), max_len=6, dim=8, block="ligr"), weight_batches_by_targets=False)
+    model.training_step(batch, 0).backward()
+    assert model.network.blocks[0].ffn_gate.weight.grad.abs().sum() > 0
+    assert model.network.blocks[0].ffn.gate.weight.grad.abs().sum() > 0
+
+
 def test_bad_model_options_are_user_errors():
+    with pytest.raises(UserInputError, match=r"model.block: 'ligr2' is not one of \['transformer', 'ligr'\]"):
+        SASRec.check_options({"block": "ligr2"})
     for p in (0.0, 1.0, 1.5):
         with pytest.raises(UserInputError, match="model.mask_prob"):
             BERT4Rec.check_options({"mask_prob": p})
