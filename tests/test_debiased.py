@@ -168,3 +168,27 @@ def test_compare_refuses_debiased_metrics_without_or_with_different_weights(tmp_
         compare_runs([load_run(a), load_run(b)], ["ips_ndcg@10"])
     with pytest.raises(UserInputError, match=r"needs ips_weight .* lacks"):
         compare_runs([load_run(a), load_run(c)], ["ips_ndcg@10"])
+
+
+def test_window_rows_weigh_a_user_by_the_mean_of_their_targets_weights():
+    from recsys.data.evaluated import WindowTargets
+    from recsys.evaluation.results import window_per_user_frame
+
+    # User a (index 0): targets i2, i3; user b (index 1): target i5. Counts 0..5 per item index.
+    windows = WindowTargets(
+        history_end=np.array([2, 7]),
+        offsets=np.array([0, 2, 3]),
+        items=np.array([2, 3, 5]),
+        miss=np.zeros(3, dtype=bool),
+    )
+    results = {
+        "user": torch.tensor([0, 1]),
+        "targets": torch.tensor([2, 1]),
+        "ranks": torch.tensor([1, 4, 2]),
+        "rank": torch.tensor([1, 2]),
+        "top": torch.tensor([[2, 1], [4, 5]]),
+    }
+    counts = torch.tensor([0, 1, 2, 3, 4, 5])
+    frame = window_per_user_frame(toy_data(), results, (2,), np.array([0, 1]), windows, None, counts, 1.0)
+    np.testing.assert_allclose(frame["ips_weight"], [(1 / 3 + 1 / 4) / 2, 1 / 6])
+    assert [list(t) for t in frame["top_item_ids"]] == [["i2", "i1"], ["i4", "i5"]]
