@@ -76,6 +76,7 @@ bench 150 benchmarks/train_throughput.py --model sasrec --items $ITEMS_HUGE --us
 bench 90 benchmarks/loss.py --items $ITEMS_HUGE --tokens 4096 --impl fused --precision bf16
 bench 60 benchmarks/loss.py --items $ITEMS_LARGE --tokens 4096 --impl fused
 bench 120 benchmarks/train_throughput.py --model bert4rec $TP --fused
+bench 120 benchmarks/train_throughput.py --model hstu $TP --fused
 # Where an epoch's time goes (Lightning's hooks) and a step's (torch.profiler's kernels): packed
 # into $OUT/profiles.tgz.
 mkdir -p /tmp/profiles

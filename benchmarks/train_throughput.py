@@ -1,4 +1,4 @@
-"""Training throughput of SASRec or BERT4Rec on a synthetic catalogue; prints one JSON line.
+"""Training throughput of SASRec, BERT4Rec or HSTU on a synthetic catalogue; prints one JSON line.
 
     python benchmarks/train_throughput.py --model sasrec --items 100000 --max-len 200 \
         [--batch-size 256] [--precision bf16-mixed] [--compile] [--steps 60] [--warmup 15] \
@@ -29,6 +29,7 @@ from recsys.data.sequences import SequenceData
 from recsys.data.synthetic import generate_sequences
 from recsys.losses import FullCrossEntropy
 from recsys.models.bert4rec import BERT4Rec
+from recsys.models.hstu import HSTU
 from recsys.models.network import DataInfo
 from recsys.models.sasrec import SASRec
 from recsys.training.hardware import check_precision, maybe_compile
@@ -93,7 +94,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", choices=["sasrec", "bert4rec"], default="sasrec")
+    parser.add_argument("--model", choices=["sasrec", "bert4rec", "hstu"], default="sasrec")
     parser.add_argument("--items", type=int, default=100_000)
     parser.add_argument("--users", type=int, default=50_000)
     parser.add_argument("--max-len", type=int, default=200)
@@ -144,7 +145,7 @@ def main() -> None:
         fingerprint="synthetic-benchmark",
     )
     loss = FullCrossEntropy(item_chunk_size=args.item_chunk_size, fused=args.fused)
-    model_class = SASRec if args.model == "sasrec" else BERT4Rec
+    model_class = {"sasrec": SASRec, "bert4rec": BERT4Rec, "hstu": HSTU}[args.model]
     network = model_class(
         DataInfo(args.items),
         max_len=args.max_len,
@@ -176,10 +177,13 @@ def main() -> None:
     total = time.perf_counter() - started
 
     inputs = int(timer.inputs)
-    # SASRec: every real input position has a target. BERT4Rec: about mask_prob of them are masked.
-    targets = inputs if args.model == "sasrec" else int(round(inputs * masked_share))
+    # SASRec, HSTU: every real input position has a target. BERT4Rec: about mask_prob of them are masked.
+    targets = int(round(inputs * masked_share))
     width = args.max_len
-    block_macs = args.blocks * (12 * args.dim**2 + 2 * width * args.dim) * inputs
+    # Per token and block: a transformer's 4 d^2 projections and 8 d^2 feed-forward; HSTU's
+    # d -> 4d (u, v, q, k at per-head width d / heads) and d -> d output, no feed-forward.
+    projection_macs = 5 * args.dim**2 if args.model == "hstu" else 12 * args.dim**2
+    block_macs = args.blocks * (projection_macs + 2 * width * args.dim) * inputs
     output_macs = args.items * args.dim * targets
     flops = 6 * (block_macs + output_macs)
     achieved = flops / timer.seconds
