@@ -7,9 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import evaluate
+from recsys.errors import UserInputError
 from recsys.evaluation.planning import users_per_arm
-from tests.checks import Untouched, assert_user_error
-from tests.test_entrypoints import common, run, train_overrides, train_tiny
+from tests.test_entrypoints import ROOT, common, run, train_overrides, train_tiny
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +18,7 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("offline_online")
     popular, sasrec = tmp / "popular", tmp / "sasrec"
     train_tiny(tmp, popular, "experiment=popular", "data=synthetic")
-    run("train.py", *train_overrides(tmp, sasrec, "trainer.max_epochs=3"))
+    run("train.py", *train_overrides(tmp, sasrec, "trainer.max_epochs=2"))
     # The pre-period covariate: the baseline's per-user results on the validation targets.
     popular_val = tmp / "popular_val"
     run(
@@ -67,46 +68,38 @@ def test_plan_sizes_the_online_test_and_applies_cuped(runs):
     assert "CUPED" in (out / "plan.md").read_text()
 
 
-def test_plan_with_cuped_but_no_pre_period_is_one_line(runs):
-    tmp, popular, sasrec, _ = runs
-    untouched = Untouched(popular, sasrec)
-    result = run(
-        "evaluate.py",
-        f"plan=[{popular},{sasrec}]",
-        "plan_cuped=true",
-        f"hydra.run.dir={tmp}/plan_refused",
-        check=False,
-    )
-    assert_user_error(result, "error: plan_pre_period: plan_cuped=true needs", untouched)
+def options(**keys):
+    """evaluate.py's config (configs/evaluate.yaml) with `keys` set, for calling its modes in process."""
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.load(ROOT / "configs" / "evaluate.yaml")
+    config.pop("defaults")
+    config.pop("hydra")
+    return OmegaConf.merge(config, keys)
+
+
+def test_plan_with_cuped_but_no_pre_period_is_refused(runs, tmp_path):
+    _, popular, sasrec, _ = runs
+    with pytest.raises(UserInputError, match=r"^plan_pre_period: plan_cuped=true needs"):
+        evaluate.plan(options(plan=[str(popular), str(sasrec)], plan_cuped=True), tmp_path)
+    assert not list(tmp_path.iterdir())
 
 
 def test_interleaving_refuses_runs_on_other_users_or_without_lists(runs, tmp_path):
-    tmp, popular, sasrec, _ = runs
+    _, popular, sasrec, _ = runs
     fewer = tmp_path / "fewer"
     fewer.mkdir()
     frame = pd.read_parquet(sasrec / "per_user.parquet")
     frame.iloc[1:].to_parquet(fewer / "per_user.parquet")
-    untouched = Untouched(popular, fewer)
-    result = run(
-        "evaluate.py", f"interleave=[{popular},{fewer}]", f"hydra.run.dir={tmp_path}/out", check=False
-    )
-    assert_user_error(
-        result,
-        f"error: interleave: {fewer} was evaluated on other users or targets than {popular}",
-        untouched,
-    )
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(
+        UserInputError, match=rf"^interleave: {fewer} was evaluated on other users or targets than {popular}"
+    ):
+        evaluate.interleave(options(interleave=[str(popular), str(fewer)]), out)
     bare = tmp_path / "bare"
     bare.mkdir()
     frame.drop(columns="top_item_ids").to_parquet(bare / "per_user.parquet")
-    result = run(
-        "evaluate.py", f"interleave=[{popular},{bare}]", f"hydra.run.dir={tmp_path}/out2", check=False
-    )
-    assert_user_error(result, f"error: interleave: {bare} has no top_item_ids column", Untouched(bare))
-
-
-def test_a_negative_ips_gamma_is_one_line(tmp_path):
-    untouched = Untouched(tmp_path / "run")
-    result = run(
-        "train.py", *train_overrides(tmp_path, tmp_path / "run", "evaluation.ips_gamma=-1"), check=False
-    )
-    assert_user_error(result, "error: evaluation.ips_gamma: must be >= 0", untouched)
+    with pytest.raises(UserInputError, match=rf"^interleave: {bare} has no top_item_ids column"):
+        evaluate.interleave(options(interleave=[str(popular), str(bare)]), out)
+    assert not list(out.iterdir())
