@@ -74,6 +74,7 @@ class BERT4Rec(SequenceNetwork):
         time_gaps: bool = False,
         item_id: bool = True,
         item_features: bool = True,
+        id_dropout: float = 0.0,
     ):
         super().__init__(data, max_len)
         self.check_options({"mask_prob": mask_prob, "last_only_prob": last_only_prob})
@@ -111,7 +112,7 @@ class BERT4Rec(SequenceNetwork):
         # Last, so that without attributes nothing above changes. Without ids, [MASK] (row
         # num_items + 1, which has no attributes) gets a vector of its own.
         self.item_attributes = item_attributes(
-            data, dim, num_items + 2, init_std, item_features, item_id, "BERT4Rec"
+            data, dim, num_items + 2, init_std, item_features, item_id, "BERT4Rec", id_dropout
         )
         self.mask_vector = None
         if not item_id:

@@ -34,6 +34,7 @@ class GRU4Rec(SequenceNetwork):
         init_std: float = 0.02,
         item_id: bool = True,
         item_features: bool = True,
+        id_dropout: float = 0.0,
     ):
         super().__init__(data, max_len)
         hidden_dim = hidden_dim or dim
@@ -52,7 +53,7 @@ class GRU4Rec(SequenceNetwork):
                 self.item_embedding.weight[0].zero_()
         # Last: without attributes nothing above changes (recsys/models/item_attributes.py).
         self.item_attributes = item_attributes(
-            data, dim, data.num_items + 1, init_std, item_features, item_id, "GRU4Rec"
+            data, dim, data.num_items + 1, init_std, item_features, item_id, "GRU4Rec", id_dropout
         )
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

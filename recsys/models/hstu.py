@@ -120,6 +120,7 @@ class HSTU(SequenceNetwork):
         time_gaps: bool = False,
         item_id: bool = True,
         item_features: bool = True,
+        id_dropout: float = 0.0,
     ):
         super().__init__(data, max_len)
         if num_heads < 1 or num_blocks < 0:
@@ -139,7 +140,7 @@ class HSTU(SequenceNetwork):
         self.behaviour = BehaviourEmbedding(dim, data.num_event_types, event_embedding, time_gaps)
         init_weights(self, init_std)
         self.item_attributes = item_attributes(
-            data, dim, data.num_items + 1, init_std, item_features, item_id, "HSTU"
+            data, dim, data.num_items + 1, init_std, item_features, item_id, "HSTU", id_dropout
         )
 
     @property

@@ -59,6 +59,7 @@ class SASRec(SequenceNetwork):
         time_gaps: bool = False,
         item_id: bool = True,
         item_features: bool = True,
+        id_dropout: float = 0.0,
         block: str = "transformer",
     ):
         super().__init__(data, max_len)
@@ -85,7 +86,7 @@ class SASRec(SequenceNetwork):
         init_weights(self, init_std)
         # After every other weight's initialisation: without attributes nothing above changes.
         self.item_attributes = item_attributes(
-            data, dim, data.num_items + 1, init_std, item_features, item_id, "SASRec"
+            data, dim, data.num_items + 1, init_std, item_features, item_id, "SASRec", id_dropout
         )
 
     @classmethod

@@ -75,6 +75,47 @@ def test_an_item_vector_is_its_id_plus_the_mean_of_its_attributes(network, optio
 
 
 @pytest.mark.parametrize(("network", "options"), NETWORKS)
+def test_an_item_no_training_event_reached_is_its_attributes_alone(network, options):
+    # Items 2 and 5 never occur in training: their id embeddings are only their initialisation.
+    counts = torch.tensor([0, 4, 0, 1, 2, 0, 3])
+    model = network(DataInfo(NUM_ITEMS, train_item_counts=counts, item_features=features()), **options)
+    table, ids = model.item_attributes.embedding.weight, model.item_embedding.weight
+    vectors = model.item_vectors()
+    for item, attributes in enumerate(ATTRIBUTES):
+        pooled = table[attributes].mean(dim=0) if attributes else torch.zeros(table.size(1))
+        expected = pooled if counts[item] == 0 else ids[item] + pooled
+        assert torch.allclose(vectors[item, : table.size(1)], expected, atol=1e-6), item
+    # Items 2 and 5 share their attributes: the same vector, as a new item with them would get.
+    assert torch.equal(vectors[2], vectors[5])
+
+
+def test_id_dropout_leaves_out_a_share_of_the_ids_in_training_only():
+    torch.manual_seed(0)
+    many = 2000
+    rows = [[]] + [[1 + i % 4] for i in range(many)]
+    wide = ItemFeatures(
+        offsets=np.cumsum([0] + [len(r) for r in rows]).astype(np.int64),
+        values=np.array([v for r in rows for v in r], dtype=np.int32),
+        vocabulary=np.array(["", "a", "b", "c", "d"]),
+        extra_item_ids=np.array([], dtype=str),
+        num_items=many,
+        stats={},
+    )
+    model = SASRec(DataInfo(many, item_features=wide), max_len=5, dim=8, id_dropout=0.3)
+    pooled = model.item_attributes()
+    model.train()
+    vectors = model.item_vectors()
+    dropped = (vectors[1:] == pooled[1:]).all(dim=1).float().mean()
+    assert float(dropped) == pytest.approx(0.3, abs=0.04)
+    model.eval()
+    assert not (model.item_vectors()[1:] == pooled[1:]).all(dim=1).any()
+    with pytest.raises(UserInputError, match=r"model.id_dropout: must lie in \[0, 1\)"):
+        SASRec(DataInfo(many, item_features=wide), max_len=5, dim=8, id_dropout=1.0)
+    with pytest.raises(UserInputError, match="model.id_dropout: leaves out item ids .* needs both"):
+        SASRec(DataInfo(many), max_len=5, dim=8, id_dropout=0.3)
+
+
+@pytest.mark.parametrize(("network", "options"), NETWORKS)
 def test_without_ids_items_with_the_same_attributes_score_the_same(network, options):
     model = network(data(), item_id=False, **options).eval()
     history = torch.tensor([[1, 3, 4, 0], [5, 2, 0, 0]])
