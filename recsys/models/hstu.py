@@ -35,14 +35,10 @@ from torch import nn
 
 from recsys.errors import UserInputError
 from recsys.models.events import BehaviourEmbedding
-from recsys.models.item_attributes import embed_items, item_attributes, item_table
+from recsys.models.item_attributes import embed_items, item_attributes
 from recsys.models.network import (
+    CausalItemNetwork,
     DataInfo,
-    SequenceNetwork,
-    flat_positions,
-    keep_last_positions,
-    last_real_position,
-    target_positions,
 )
 from recsys.models.transformer import init_weights
 
@@ -102,7 +98,7 @@ class HSTUBlock(nn.Module):
         return x + self.output(self.dropout(self.output_norm(attended) * u))
 
 
-class HSTU(SequenceNetwork):
+class HSTU(CausalItemNetwork):
     def __init__(
         self,
         data: DataInfo,
@@ -143,10 +139,6 @@ class HSTU(SequenceNetwork):
             data, dim, data.num_items + 1, init_std, item_features, item_id, "HSTU", id_dropout
         )
 
-    @property
-    def reads_events(self) -> bool:
-        return self.behaviour.active
-
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -162,21 +154,3 @@ class HSTU(SequenceNetwork):
         for block in self.blocks:
             x = block(x)
         return self.final_norm(x)
-
-    def training_outputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self(batch["input_ids"], batch.get("input_events"), batch.get("input_gaps"))
-        index = flat_positions(target_positions(batch))
-        return hidden.flatten(0, 1)[index], batch["target_ids"].flatten()[index]
-
-    def user_vectors(
-        self,
-        history: torch.Tensor,
-        events: torch.Tensor | None = None,
-        gaps: torch.Tensor | None = None,
-        target_event: torch.Tensor | None = None,  # the causal model predicts any next event
-    ) -> torch.Tensor:
-        history, events, gaps = keep_last_positions(history, self.max_len, events, gaps)
-        return last_real_position(self(history, events, gaps), history)
-
-    def item_vectors(self) -> torch.Tensor:
-        return item_table(self.item_embedding, self.item_attributes)

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from recsys.models.item_attributes import item_table
+
 
 @dataclass(frozen=True)
 class DataInfo:
@@ -95,6 +97,36 @@ class SequenceNetwork(nn.Module):
     def score(self, history: torch.Tensor, **features: torch.Tensor) -> torch.Tensor:
         """Scores (B, num_items + 1) of every item as the next one after right-padded `history`."""
         return self.user_vectors(history, **features) @ self.item_vectors().T
+
+
+class CausalItemNetwork(SequenceNetwork):
+    """A causal network whose forward(input_ids, events, gaps) gives one hidden state per position
+    (SASRec, HSTU): every position with a next item predicts it, the history's last real position
+    is the user's vector, and the items are `item_embedding` plus `item_attributes` (either may be
+    None). Subclasses set those two and `behaviour` (recsys/models/events.py)."""
+
+    @property
+    def reads_events(self) -> bool:
+        return self.behaviour.active
+
+    def training_outputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self(batch["input_ids"], batch.get("input_events"), batch.get("input_gaps"))
+        # Every position with a next item (of a target type) predicts it.
+        index = flat_positions(target_positions(batch))
+        return hidden.flatten(0, 1)[index], batch["target_ids"].flatten()[index]
+
+    def user_vectors(
+        self,
+        history: torch.Tensor,
+        events: torch.Tensor | None = None,
+        gaps: torch.Tensor | None = None,
+        target_event: torch.Tensor | None = None,  # a causal model predicts any next event
+    ) -> torch.Tensor:
+        history, events, gaps = keep_last_positions(history, self.max_len, events, gaps)
+        return last_real_position(self(history, events, gaps), history)
+
+    def item_vectors(self) -> torch.Tensor:
+        return item_table(self.item_embedding, self.item_attributes)
 
 
 # --- helpers the networks share ---------------------------------------------------------------

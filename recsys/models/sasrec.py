@@ -27,20 +27,16 @@ from torch import nn
 
 from recsys.errors import UserInputError
 from recsys.models.events import BehaviourEmbedding
-from recsys.models.item_attributes import embed_items, item_attributes, item_table
+from recsys.models.item_attributes import embed_items, item_attributes
 from recsys.models.network import (
+    CausalItemNetwork,
     DataInfo,
-    SequenceNetwork,
-    flat_positions,
-    keep_last_positions,
-    last_real_position,
     position_ids,
-    target_positions,
 )
 from recsys.models.transformer import BLOCKS, LiGRBlock, TransformerBlock, init_weights
 
 
-class SASRec(SequenceNetwork):
+class SASRec(CausalItemNetwork):
     def __init__(
         self,
         data: DataInfo,
@@ -95,10 +91,6 @@ class SASRec(SequenceNetwork):
         if block not in BLOCKS:
             raise UserInputError(f"model.block: {block!r} is not one of {list(BLOCKS)}")
 
-    @property
-    def reads_events(self) -> bool:
-        return self.behaviour.active
-
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -116,22 +108,3 @@ class SASRec(SequenceNetwork):
         for block in self.blocks:
             x = block(x, is_causal=True)
         return self.final_norm(x)
-
-    def training_outputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self(batch["input_ids"], batch.get("input_events"), batch.get("input_gaps"))
-        # Every position with a next item (of a target type) predicts it.
-        index = flat_positions(target_positions(batch))
-        return hidden.flatten(0, 1)[index], batch["target_ids"].flatten()[index]
-
-    def user_vectors(
-        self,
-        history: torch.Tensor,
-        events: torch.Tensor | None = None,
-        gaps: torch.Tensor | None = None,
-        target_event: torch.Tensor | None = None,  # the causal model predicts any next event
-    ) -> torch.Tensor:
-        history, events, gaps = keep_last_positions(history, self.max_len, events, gaps)
-        return last_real_position(self(history, events, gaps), history)
-
-    def item_vectors(self) -> torch.Tensor:
-        return item_table(self.item_embedding, self.item_attributes)
