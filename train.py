@@ -33,7 +33,7 @@ from recsys.runs.loggers import build_loggers, default_wandb_mode, log_wandb_res
 from recsys.runs.provenance import git_state, launch_rank
 from recsys.training.callbacks import EpochTimer, TrainingState
 from recsys.training.distributed import check_trainer_options, trainer_errors
-from recsys.training.hardware import check_precision, maybe_compile, uses_cuda
+from recsys.training.hardware import check_compile, check_precision, compile_training, uses_cuda
 from recsys.training.resume import AtomicCheckpointIO, check_resume_data, plan_resume
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     device_type = "cuda" if uses_cuda(cfg.trainer.accelerator) else "cpu"
     precision = check_precision(cfg.trainer.precision, cfg.trainer.accelerator)
     check_trainer_options(cfg.trainer)  # a strategy or devices that are not there, before the data
+    check_compile(cfg.compile, bool(cfg.data.get("static_shapes", False)))
     # Reading and preprocessing are deterministic by themselves.
     datamodule = instantiate(
         cfg.data,
@@ -69,7 +70,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # Lightning's line would go to stderr
     log.info("seed %d", cfg.seed)
     model = build_model(cfg, data_info(datamodule))
-    maybe_compile(model.network, cfg.compile, device_type)
+    compile_training(model, cfg.compile, device_type)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     training_state = TrainingState()  # RNG states etc. in every checkpoint, for an exact resume
     callbacks.append(training_state)

@@ -27,7 +27,7 @@ from recsys.losses import FullCrossEntropy
 from recsys.models.network import DataInfo
 from recsys.models.sasrec import SASRec
 from recsys.training.callbacks import EpochTimer
-from recsys.training.hardware import check_precision, maybe_compile, uses_cuda
+from recsys.training.hardware import check_precision, compile_training, uses_cuda
 from recsys.training.module import SequentialRecommender
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +49,17 @@ def main() -> None:
     )
     parser.add_argument("--no-bucketing", action="store_true", help="plain shuffled batches")
     parser.add_argument("--fused", action="store_true", help="the Triton loss kernels (loss.fused=true)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the network")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the network (with --static-shapes: the whole step)",
+    )
+    parser.add_argument(
+        "--static-shapes", action="store_true", help="data.static_shapes: fixed batch shapes, the masked step"
+    )
+    parser.add_argument(
+        "--cuda-graphs", action="store_true", help="compile=reduce-overhead (needs --static-shapes)"
+    )
     parser.add_argument(
         "--device-batches", default="auto", help="auto | true | false (see configs/data/common.yaml)"
     )
@@ -68,6 +78,7 @@ def main() -> None:
         batch_size=args.batch_size,
         length_bucketing=not args.no_bucketing,
         device_batches=args.device_batches,
+        static_shapes=args.static_shapes,
         cache_dir=str(ROOT / ".cache" / "data"),
     )
     datamodule.setup()
@@ -80,8 +91,9 @@ def main() -> None:
         dropout=args.dropout,
     )
     loss = FullCrossEntropy(chunk_size=args.chunk_size or None, fused=args.fused)
-    model = SequentialRecommender(network, loss=loss)
-    compiled = maybe_compile(network, args.compile, "cuda" if uses_cuda(args.accelerator) else "cpu")
+    model = SequentialRecommender(network, loss=loss, static_step=args.static_shapes)
+    setting = "reduce-overhead" if args.cuda_graphs else args.compile
+    compiled = compile_training(model, setting, "cuda" if uses_cuda(args.accelerator) else "cpu")
     timer = EpochTimer()
     trainer = pl.Trainer(
         accelerator=args.accelerator,

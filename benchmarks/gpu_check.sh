@@ -56,16 +56,42 @@ else
     ITEMS_LARGE=1000000 ITEMS_HUGE=10000000 USERS=10000 TP_ITEMS=100000 TP_USERS=50000 TP_LEN=200 STEPS=40 WARM=10 WARM_EPOCHS=1 EPOCHS=3 ACCEL=gpu
 fi
 
-# Most important first: a run cut short still has them.
-echo "== GPU tests"
-timeout 150 $PY -m pytest tests/models/test_gpu.py tests/test_fused_cross_entropy.py -p no:cacheprovider \
-    -n 0 ${PYTEST_K:+-k "$PYTEST_K"} >"$OUT/pytest.log" 2>&1
-echo "   pytest exit $? ($(tail -n 1 "$OUT/pytest.log"))"
-
 # Training throughput, 100k-item synthetic catalogue, length 200 (target: 2M target tokens/s).
 # One whole epoch of warm-up first, so that every batch width has been planned for once (the
 # figures of runs 1-4 did not have it: BENCHMARKS.md).
 TP="--items $TP_ITEMS --users $TP_USERS --max-len $TP_LEN --steps $STEPS --warmup $WARM --warmup-epochs $WARM_EPOCHS"
+
+# Most important first: a run cut short still has them.
+echo "== GPU tests"
+timeout 180 $PY -m pytest tests/models/test_gpu.py tests/test_fused_cross_entropy.py tests/training/test_static_step.py \
+    -p no:cacheprovider -n 0 ${PYTEST_K:+-k "$PYTEST_K"} >"$OUT/pytest.log" 2>&1
+echo "   pytest exit $? ($(tail -n 1 "$OUT/pytest.log"))"
+
+# The static step (data.static_shapes: a handful of batch shapes, no host sync) compiled whole and
+# replayed as CUDA graphs, against the same run without it (issue 31's targets: 2M target tokens/s
+# at 100k items and length 200; under 0.5 s per Beauty epoch at batch 128). A step's torch.profiler
+# table goes to $OUT/profiles.tgz with the others below.
+mkdir -p /tmp/profiles
+STATIC="--static-shapes --compile --cuda-graphs"
+bench 150 benchmarks/train_throughput.py --model sasrec $TP --fused $STATIC
+bench 150 benchmarks/epoch_time.py --accelerator $ACCEL --precision bf16-mixed --epochs $EPOCHS --fused $STATIC
+bench 150 benchmarks/train_throughput.py --model sasrec $TP --steps 10 --warmup 3 --fused $STATIC --profile /tmp/profiles/static_throughput
+bench 150 benchmarks/train_throughput.py --model hstu $TP --fused $STATIC
+bench 150 benchmarks/train_throughput.py --model bert4rec $TP --fused $STATIC
+# The whole `make train` run on the GPU with the static step (target: under 30 s of training),
+# its train_seconds, best_epoch and test NDCG@10 in the JSON line.
+if [ -z "${PICK:-}" ] || echo "make_train_static" | grep -Eq -- "$PICK"; then
+    echo "== make train, static step"
+    started=$SECONDS
+    timeout 240 $PY train.py trainer=gpu logger=csv data.static_shapes=true compile=reduce-overhead \
+        loss.fused=auto hydra.run.dir=/tmp/make_train_static >"$OUT/make_train_static.log" 2>&1
+    if ! $PY -c "import json; m = json.load(open('/tmp/make_train_static/metrics.json')); print(json.dumps({'benchmark': 'make_train_static', 'wall_seconds': $((SECONDS - started)), **{k: m[k] for k in ('train_seconds', 'best_epoch', 'epochs', 'test/ndcg@10') if k in m}}))" \
+        | tee -a "$RESULTS"; then
+        echo "   failed; the tail of $OUT/make_train_static.log:"
+        tail -n 3 "$OUT/make_train_static.log"
+    fi
+fi
+
 bench 120 benchmarks/train_throughput.py --model sasrec $TP --fused
 # The same with batch widths rounded up to a multiple of 8 (data.width_multiple): 25 shapes instead
 # of 200 for the GPU to plan for; compare warmup_seconds and step_ms with the line above.
@@ -79,7 +105,6 @@ bench 120 benchmarks/train_throughput.py --model bert4rec $TP --fused
 bench 120 benchmarks/train_throughput.py --model hstu $TP --fused
 # Where an epoch's time goes (Lightning's hooks) and a step's (torch.profiler's kernels): packed
 # into $OUT/profiles.tgz.
-mkdir -p /tmp/profiles
 bench 100 benchmarks/epoch_time.py --accelerator $ACCEL --precision bf16-mixed --epochs 2 --fused --profile /tmp/profiles/epoch
 bench 120 benchmarks/train_throughput.py --model sasrec $TP --steps 10 --warmup 3 --fused --profile /tmp/profiles/throughput
 tar -czf "$OUT/profiles.tgz" -C /tmp/profiles . 2>/dev/null

@@ -32,7 +32,7 @@ from recsys.models.bert4rec import BERT4Rec
 from recsys.models.hstu import HSTU
 from recsys.models.network import DataInfo
 from recsys.models.sasrec import SASRec
-from recsys.training.hardware import check_precision, maybe_compile
+from recsys.training.hardware import check_precision, compile_training
 from recsys.training.module import SequentialRecommender
 
 
@@ -69,7 +69,7 @@ class StepTimer(pl.Callback):
         if self.started is not None:
             self.steps += 1
             self.inputs += (batch["input_ids"] != 0).sum()
-            self.sequences += batch["input_ids"].size(0)
+            self.sequences += (batch["input_ids"][:, 0] != 0).sum()  # not data.static_shapes' empty rows
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         if self.steps >= self.steps_wanted:
@@ -104,7 +104,17 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=2)
     parser.add_argument("--heads", type=int, default=1)
     parser.add_argument("--precision", default="bf16-mixed")
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the network (with --static-shapes: the whole step)",
+    )
+    parser.add_argument(
+        "--static-shapes", action="store_true", help="data.static_shapes: fixed batch shapes, the masked step"
+    )
+    parser.add_argument(
+        "--cuda-graphs", action="store_true", help="compile=reduce-overhead (needs --static-shapes)"
+    )
     parser.add_argument("--item-chunk-size", type=int, default=None)
     parser.add_argument("--fused", action="store_true", help="the Triton loss kernels (loss.fused=true)")
     parser.add_argument("--steps", type=int, default=60)
@@ -136,6 +146,7 @@ def main() -> None:
         max_len=args.max_len,
         batch_size=args.batch_size,
         width_multiple=args.width_multiple,
+        static_shapes=args.static_shapes,
     )
     datamodule.data = SequenceData(
         offsets=offsets,
@@ -154,7 +165,7 @@ def main() -> None:
         num_heads=args.heads,
         dropout=0.2,
     )
-    model = SequentialRecommender(network, loss=loss)
+    model = SequentialRecommender(network, loss=loss, static_step=args.static_shapes)
     masked_share = network.mask_prob if args.model == "bert4rec" else 1.0
     timer = StepTimer(args.warmup, args.warmup_epochs, args.steps)
     trainer = pl.Trainer(
@@ -171,7 +182,7 @@ def main() -> None:
         profiler=_profiler(args.profile),
     )
     device = trainer.strategy.root_device
-    compiled = maybe_compile(network, args.compile, device.type)
+    compiled = compile_training(model, "reduce-overhead" if args.cuda_graphs else args.compile, device.type)
     started = time.perf_counter()
     trainer.fit(model, datamodule=datamodule)
     total = time.perf_counter() - started
@@ -194,7 +205,7 @@ def main() -> None:
         {**vars(args), "compiled": compiled, "data_events": int(len(items))},
         target_tokens_per_second=round(targets / timer.seconds, 1),
         input_tokens_per_second=round(inputs / timer.seconds, 1),
-        sequences_per_second=round(timer.sequences / timer.seconds, 1),
+        sequences_per_second=round(int(timer.sequences) / timer.seconds, 1),
         step_ms=round(1000 * timer.seconds / timer.steps, 2),
         model_tflops_per_second=round(achieved / 1e12, 2),
         mfu_vs_bf16_peak=None if peak is None else round(achieved / peak, 4),

@@ -5,6 +5,11 @@ embedding table (row 0 is padding), and returns a scalar:
 
     loss(hidden (T, d), targets (T,) in 1..num_items, item_embeddings (num_items + 1, d)) -> ()
 
+or, under `data.static_shapes` (recsys/training/module.py), the hidden states of every position of
+a padded batch and `mask=` (T,) bool, True where a position has a target (the others' targets may be
+0): the loss is then the mean over the masked positions, with the same value and gradients as over
+those positions alone, computed without a shape or a host sync that depends on the data.
+
 Losses that draw negatives own a seeded `NegativeSampler`, so the negatives of a run depend only on
 the loss's seed, not on how many random numbers the model's dropout used before them. A loss class
 that declares `uses_item_counts = True` is given the training set's item counts as `item_counts`
@@ -29,6 +34,8 @@ log = logging.getLogger(__name__)
 
 # Logits the loss may hold at once, in bytes, when item_chunk_size is left to choose itself.
 LOGITS_BUDGET_BYTES = 1 << 30
+# Redraws of popularity negatives that hit their positive, in a step without host syncs.
+STATIC_REDRAWS = 2
 
 
 class FullCrossEntropy(nn.Module):
@@ -76,9 +83,23 @@ class FullCrossEntropy(nn.Module):
             )
 
     def forward(
-        self, hidden: torch.Tensor, targets: torch.Tensor, item_embeddings: torch.Tensor
+        self,
+        hidden: torch.Tensor,
+        targets: torch.Tensor,
+        item_embeddings: torch.Tensor,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        catalogue = item_embeddings[1:]  # padding is never a class
+        if mask is None:
+            return self._mean(hidden, targets, item_embeddings[1:])  # padding is never a class
+        # A position without a target gets a zero query: its logits are all 0, so it adds exactly
+        # log(items) to the summed loss and nothing to any gradient (the gradient of an item vector
+        # is a sum of queries). Every path below, the fused kernels included, then serves as is.
+        catalogue = item_embeddings[1:]
+        tokens, count = mask.numel(), mask.sum()
+        mean = self._mean(hidden * mask[:, None].to(hidden.dtype), targets.clamp(min=1), catalogue)
+        return (mean * tokens - (tokens - count) * math.log(catalogue.size(0))) / count.clamp(min=1)
+
+    def _mean(self, hidden: torch.Tensor, targets: torch.Tensor, catalogue: torch.Tensor) -> torch.Tensor:
         if self.fused and self._fused_can_run(hidden.device):
             return fused_cross_entropy(hidden, catalogue, targets - 1)
         if self.chunk_size is None:
@@ -202,25 +223,27 @@ class _ItemChunkedCrossEntropy(torch.autograd.Function):
         return grad_h.to(hidden.dtype), grad_w.to(weight.dtype), None, None
 
 
-class NegativeSampler:
+class NegativeSampler(nn.Module):
     """Seeded draws of negative items, never equal to the positive they are drawn for.
 
     `uniform`: every other item equally likely. `popularity`: items in proportion to their training
     counts (plus one, so that no item is impossible), the positive's mass removed by redrawing the
     few draws that hit it. The generator is created on the first call, on the targets' device, from
-    `seed`, so a run's negatives are reproducible.
+    `seed`, so a run's negatives are reproducible. A module, so that the counts (a buffer, not in
+    the state dict) move to the loss's device with it.
     """
 
     def __init__(self, distribution: str = "uniform", seed: int = 0, item_counts: torch.Tensor | None = None):
+        super().__init__()
         if distribution not in ("uniform", "popularity"):
             raise UserInputError(
                 f"loss.sampler: {distribution!r} is not one of ['uniform', 'popularity', 'in_batch', 'mixed']"
             )
         self.distribution = distribution
         self.seed = seed
-        self.item_counts = item_counts
+        counts = None if item_counts is None else torch.as_tensor(item_counts).to(torch.float32)
+        self.register_buffer("item_counts", counts, persistent=False)
         self._generator: torch.Generator | None = None
-        self._probabilities: tuple[tuple[int, str], torch.Tensor] | None = None
 
     def _rng(self, device: torch.device) -> torch.Generator:
         if self._generator is None or self._generator.device != device:
@@ -234,34 +257,48 @@ class NegativeSampler:
     def probabilities(self, num_items: int, device: torch.device) -> torch.Tensor:
         """q(item) for items 0..num_items (0 = padding, probability 0), ignoring the exclusion.
 
-        Built once per catalogue size and device, not per batch (it is used for every draw and
-        for the logQ correction).
-        """
-        key = (num_items, str(device))
-        if self._probabilities is None or self._probabilities[0] != key:
-            if self.distribution == "uniform":
-                q = torch.full((num_items + 1,), 1.0 / num_items, device=device)
-            else:
-                if self.item_counts is None:
-                    raise UserInputError(
-                        "loss.item_counts: popularity sampling and logQ need the training item counts"
-                    )
-                q = self.item_counts.to(device=device, dtype=torch.float32)[: num_items + 1] + 1.0
-                q = q / q[1:].sum()
-            q[0] = 0.0
-            self._probabilities = (key, q)
-        return self._probabilities[1]
+        Computed at each call (a few microseconds): a cache would be state a compiled step guards
+        on, compiling again when it fills."""
+        if self.distribution == "uniform":
+            q = torch.full((num_items + 1,), 1.0 / num_items, device=device)
+        else:
+            if self.item_counts is None:
+                raise UserInputError(
+                    "loss.item_counts: popularity sampling and logQ need the training item counts"
+                )
+            q = self.item_counts.to(device)[: num_items + 1] + 1.0
+            q = q / q[1:].sum()
+        q[0] = 0.0
+        return q
 
-    def __call__(self, targets: torch.Tensor, num_items: int, num_negatives: int) -> torch.Tensor:
-        """(T, num_negatives) negatives in 1..num_items, none equal to its row's target."""
-        generator = self._rng(targets.device)
+    def forward(
+        self, targets: torch.Tensor, num_items: int, num_negatives: int, static: bool = False
+    ) -> torch.Tensor:
+        """(T, num_negatives) negatives in 1..num_items, none equal to its row's target.
+
+        `static`: no host sync, no generator (for a compiled, graph-replayed step: a graph cannot
+        take a torch.Generator, so draws come from torch's global generator, which the run's seed
+        sets and checkpoints restore). Popularity draws that hit their positive are redrawn a
+        fixed STATIC_REDRAWS times, then drawn uniformly: exact but for a share
+        q(positive) ** (STATIC_REDRAWS + 1) of the draws, under 1e-6 for an item with 1% of the
+        interactions."""
+        generator = None if static else self._rng(targets.device)
         if self.distribution == "uniform":
             return uniform_negatives(targets, num_items, num_negatives, generator)
         q = self.probabilities(num_items, targets.device)
-        negatives = torch.multinomial(
-            q, targets.numel() * num_negatives, replacement=True, generator=generator
-        )
-        negatives = negatives.view(targets.numel(), num_negatives)
+
+        def draw() -> torch.Tensor:
+            drawn = torch.multinomial(
+                q, targets.numel() * num_negatives, replacement=True, generator=generator
+            )
+            return drawn.view(targets.numel(), num_negatives)
+
+        negatives = draw()
+        if static:
+            for _ in range(STATIC_REDRAWS):
+                negatives = torch.where(negatives == targets[:, None], draw(), negatives)
+            uniform = uniform_negatives(targets, num_items, num_negatives, generator)
+            return torch.where(negatives == targets[:, None], uniform, negatives)
         # Redraw the draws that hit their positive: exact sampling from q without the positive.
         # Each round keeps a hit with probability q(positive) (a few percent at most).
         for _ in range(100):
@@ -300,6 +337,19 @@ def float32_logits(hidden: torch.Tensor) -> contextlib.AbstractContextManager:
 def _check_num_negatives(num_negatives: int) -> None:
     if not isinstance(num_negatives, int) or num_negatives < 1:
         raise UserInputError(f"loss.num_negatives: must be an integer >= 1, got {num_negatives!r}")
+
+
+def masked_mean(per_token: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The mean of per-token losses (T,) over the positions of `mask` (all of them if None)."""
+    if mask is None:
+        return per_token.mean()
+    return torch.where(mask, per_token, 0.0).sum() / mask.sum().clamp(min=1)
+
+
+def _cross_entropy(logits: torch.Tensor, columns: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return F.cross_entropy(logits, columns)
+    return masked_mean(F.cross_entropy(logits, columns, reduction="none"), mask)
 
 
 def _positive_and_negative_logits(
@@ -355,41 +405,76 @@ class SampledSoftmax(nn.Module):
         self.logq_correction = logq_correction
 
     def forward(
-        self, hidden: torch.Tensor, targets: torch.Tensor, item_embeddings: torch.Tensor
+        self,
+        hidden: torch.Tensor,
+        targets: torch.Tensor,
+        item_embeddings: torch.Tensor,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         num_items = item_embeddings.size(0) - 1
         if self.in_batch:
-            candidates, positive_column = torch.unique(targets, return_inverse=True)
-            with float32_logits(hidden):
-                logits = hidden.float() @ item_embeddings[candidates].float().T
-            if self.logq_correction:
-                logits = logits - self.sampler.probabilities(num_items, hidden.device)[candidates].log()
+            if mask is None:
+                candidates, positive_column = torch.unique(targets, return_inverse=True)
+                logits = self._in_batch_logits(hidden, candidates, item_embeddings)
+            else:
+                logits, positive_column = self._static_in_batch_logits(hidden, targets, item_embeddings, mask)
             if self.mixed:
-                logits = torch.cat([logits, self._uniform_logits(hidden, targets, item_embeddings)], dim=1)
-            return F.cross_entropy(logits, positive_column)
-        negatives = self.sampler(targets, num_items, self.num_negatives)
+                uniform = self._uniform_logits(hidden, targets, item_embeddings, static=mask is not None)
+                logits = torch.cat([logits, uniform], dim=1)
+            return _cross_entropy(logits, positive_column, mask)
+        negatives = self.sampler(targets, num_items, self.num_negatives, static=mask is not None)
         positive, negative = _positive_and_negative_logits(hidden, targets, item_embeddings, negatives)
         if self.logq_correction:
             q = self.sampler.probabilities(num_items, hidden.device)[negatives]
             negative = negative - (self.num_negatives * q).log()
         logits = torch.cat([positive[:, None], negative], dim=1)
-        return F.cross_entropy(logits, torch.zeros_like(targets))
+        return _cross_entropy(logits, torch.zeros_like(targets), mask)
+
+    def _in_batch_logits(
+        self, hidden: torch.Tensor, candidates: torch.Tensor, item_embeddings: torch.Tensor
+    ) -> torch.Tensor:
+        """(T, C) logits of the candidate items, each less log q(item) with logq_correction."""
+        with float32_logits(hidden):
+            logits = hidden.float() @ item_embeddings[candidates].float().T
+        if self.logq_correction:
+            q = self.sampler.probabilities(item_embeddings.size(0) - 1, hidden.device)
+            logits = logits - q[candidates].log()
+        return logits
+
+    def _static_in_batch_logits(
+        self, hidden: torch.Tensor, targets: torch.Tensor, item_embeddings: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The in-batch candidates without torch.unique (whose size depends on the data): one
+        column per position, the positive's column its item's first position among those with a
+        target; later positions of the same item and positions without a target are no candidates.
+        The same softmax as over the distinct targets. Returns the (T, T) logits and each
+        position's positive column."""
+        positions = torch.arange(targets.size(0), device=targets.device)
+        first = ((targets[:, None] == targets[None, :]) & mask[None, :]).int().argmax(dim=1)
+        candidate = mask & (first == positions)
+        # A position without a target (item 0, probability 0) scores item 1 instead: it is no candidate.
+        logits = self._in_batch_logits(hidden, targets.clamp(min=1), item_embeddings)
+        # Positions without a target keep every column, so that their (unused) loss stays finite.
+        logits = logits.masked_fill(~candidate[None, :] & mask[:, None], -torch.inf)
+        return logits, first
 
     def _uniform_logits(
-        self, hidden: torch.Tensor, targets: torch.Tensor, item_embeddings: torch.Tensor
+        self, hidden: torch.Tensor, targets: torch.Tensor, item_embeddings: torch.Tensor, static: bool = False
     ) -> torch.Tensor:
         """(T, N) logits of `num_negatives` items drawn uniformly (with replacement) for the whole
-        batch, logQ-corrected, each token's own positive masked out."""
+        batch, logQ-corrected, each token's own positive masked out (`static`: see NegativeSampler)."""
         num_items = item_embeddings.size(0) - 1
-        generator = self.uniform._rng(targets.device)
-        drawn = torch.randint(
-            1, num_items + 1, (self.num_negatives,), device=targets.device, generator=generator
-        )
+        drawn = self._uniform_items(num_items, targets.device, static)
         with float32_logits(hidden):
             logits = hidden.float() @ item_embeddings[drawn].float().T
         if self.logq_correction:
             logits = logits - math.log(self.num_negatives / num_items)
         return logits.masked_fill(drawn[None, :] == targets[:, None], -torch.inf)
+
+    def _uniform_items(self, num_items: int, device: torch.device, static: bool) -> torch.Tensor:
+        """The `num_negatives` uniform draws of sampler `mixed` (`static`: see NegativeSampler)."""
+        generator = None if static else self.uniform._rng(device)
+        return torch.randint(1, num_items + 1, (self.num_negatives,), device=device, generator=generator)
 
 
 class BinaryCrossEntropy(nn.Module):
@@ -415,16 +500,20 @@ class BinaryCrossEntropy(nn.Module):
         return 1.0
 
     def forward(
-        self, hidden: torch.Tensor, targets: torch.Tensor, item_embeddings: torch.Tensor
+        self,
+        hidden: torch.Tensor,
+        targets: torch.Tensor,
+        item_embeddings: torch.Tensor,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         num_items = item_embeddings.size(0) - 1
-        negatives = self.sampler(targets, num_items, self.num_negatives)
+        negatives = self.sampler(targets, num_items, self.num_negatives, static=mask is not None)
         positive, negative = _positive_and_negative_logits(hidden, targets, item_embeddings, negatives)
         beta = self.positive_weight(num_items)
         if self.logit_bias is not None:
             constant = self.logit_bias + math.log(beta / self.num_negatives)
             positive, negative = positive + constant, negative + constant
-        return (-beta * F.logsigmoid(positive) - F.logsigmoid(-negative).sum(-1)).mean()
+        return masked_mean(-beta * F.logsigmoid(positive) - F.logsigmoid(-negative).sum(-1), mask)
 
 
 class GeneralisedBinaryCrossEntropy(BinaryCrossEntropy):

@@ -292,6 +292,15 @@ def test_every_preset_trains_and_learns_on_tiny_data(tmp_path, preset, popularit
     assert json.loads((out / "metrics.json").read_text())["test/ndcg@10"] == metrics["test/ndcg@10"]
 
 
+def test_static_shapes_train_and_learn(tmp_path, popularity):
+    # data.static_shapes: full-height batches of power-of-two widths and the masked step.
+    metrics, losses = train_tiny(
+        tmp_path, tmp_path / "run", "experiment=sasrec_ce", *PRESET_DATA, "data.static_shapes=true", epochs=2
+    )
+    assert losses[1] < losses[0], losses
+    assert metrics["test/ndcg@10"] > 5 * popularity[2]["test/ndcg@10"]
+
+
 @pytest.mark.parametrize(
     "overrides,message",
     [
@@ -306,6 +315,11 @@ def test_every_preset_trains_and_learns_on_tiny_data(tmp_path, preset, popularit
         (
             ["evaluation.seen_items=new"],
             "error: evaluation.seen_items: 'new' is not one of ['exclude', 'keep', 'exclude_but_target']",
+        ),
+        (
+            ["compile=reduce-overhead"],
+            "error: compile: reduce-overhead (CUDA graphs) needs training batches of fixed shapes; "
+            "set data.static_shapes=true",
         ),
     ],
 )

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from recsys.data.datasets import TrainWindows, window_batch_width
+from recsys.data.datasets import TrainWindows, pad_rows, window_batch_width
 from recsys.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -154,9 +154,11 @@ class DeviceTrainBatches:
         rank: int = 0,
         world_size: int = 1,
         width_multiple: int = 1,
+        static_rows: int | None = None,
     ):
         self.matrix = matrix
         self.width_multiple = width_multiple
+        self.static_rows = static_rows  # as TrainWindows.static_rows
         self.lengths = np.asarray(lengths)
         self.sampler = sampler
         self.rank = rank
@@ -180,14 +182,15 @@ class DeviceTrainBatches:
         bounds = np.cumsum([0] + [len(batch) for batch in batches]).tolist()
         widths = np.maximum.reduceat(self.lengths[order], bounds[:-1]).tolist()
         widest = self.matrix.shape[1]
-        widths = [window_batch_width(w, self.width_multiple, widest) for w in widths]
+        static = self.static_rows is not None
+        widths = [window_batch_width(w, self.width_multiple, widest, static) for w in widths]
         order = torch.from_numpy(order).to(self.device)  # one host-to-device copy per epoch
         for begin, end, width in zip(bounds[:-1], bounds[1:], widths):
             windows = self.matrix[order[begin:end], :width].long()
             targets = windows[:, 1:].contiguous()
             # As TrainWindows: inputs padded out wherever there is no target.
             inputs = windows[:, :-1].masked_fill(targets == 0, 0)
-            yield {"input_ids": inputs, "target_ids": targets}
+            yield pad_rows({"input_ids": inputs, "target_ids": targets}, self.static_rows)
 
 
 def device_batches_setting(value) -> bool | str:

@@ -102,6 +102,7 @@ class SequenceDataModule(pl.LightningDataModule):
         exclude_events: list[str] | None = None,
         hide_target_item: bool = False,
         width_multiple: int = 1,
+        static_shapes: bool = False,
         seen_items: str = "exclude",
         memory_limit: str | int | None = "auto",
         max_users: int | None = None,
@@ -144,6 +145,9 @@ class SequenceDataModule(pl.LightningDataModule):
         self.cold_items = cold_items
         self.hide_target_item = hide_target_item
         self.width_multiple = _integer_at_least_one("width_multiple", width_multiple)
+        if not isinstance(static_shapes, bool):
+            raise UserInputError(f"data.static_shapes: must be true or false, got {static_shapes!r}")
+        self.static_shapes = static_shapes
         self.device_batches = device_batches_setting(device_batches)
         _at_least_one("max_len", max_len)
         _at_least_one("val_users", val_users, nullable=True)
@@ -310,14 +314,14 @@ class SequenceDataModule(pl.LightningDataModule):
     def train_windows(self) -> TrainWindows:
         """Window bounds over each user's training part (all events but the last two)."""
         self.setup()
+        part, data, gaps = self.split, self.data, self._gaps
         if self._training is not None:  # without the held-out items' events
-            part = self._training
-            return training_windows(
-                part.data, part, self.max_len, self.sliding_window_step, part.gaps, self.width_multiple
-            )
-        return training_windows(
-            self.data, self.split, self.max_len, self.sliding_window_step, self._gaps, self.width_multiple
+            part, data, gaps = self._training, self._training.data, self._training.gaps
+        windows = training_windows(
+            data, part, self.max_len, self.sliding_window_step, gaps, self.width_multiple
         )
+        windows.static_rows = self.batch_size if self.static_shapes else None
+        return windows
 
     def train_item_counts(self) -> torch.Tensor:
         """How often each item (index = item id, 0 = padding) occurs in the training part of the
@@ -367,7 +371,13 @@ class SequenceDataModule(pl.LightningDataModule):
             return self._loader(windows, sampler)
         matrix, lengths = self._windows_on(device, windows)
         return DeviceTrainBatches(
-            matrix, lengths, sampler, rank=rank, world_size=world_size, width_multiple=self.width_multiple
+            matrix,
+            lengths,
+            sampler,
+            rank=rank,
+            world_size=world_size,
+            width_multiple=self.width_multiple,
+            static_rows=windows.static_rows,
         )
 
     def _process_share(self) -> tuple[int, int]:

@@ -51,16 +51,41 @@ def gather_windows(
     return rows.astype(np.int64, copy=False) if rows.dtype.kind in "iu" else rows
 
 
+# The narrowest batch of data.static_shapes, in input columns: narrower windows are padded up to it.
+MIN_STATIC_WIDTH = 8
+
+
 def rounded_width(longest: int, multiple: int, cap: int) -> int:
     """`longest` rounded up to a multiple of `multiple`, but not past `cap` (nor below `longest`)."""
     return max(longest, min(cap, -(-longest // multiple) * multiple))
 
 
-def window_batch_width(longest: int, multiple: int, widest: int) -> int:
+def window_batch_width(longest: int, multiple: int, widest: int, static: bool = False) -> int:
     """Columns of a training batch whose longest window has `longest` items: its inputs (one fewer)
     rounded up to a multiple, never wider than those of the `widest` window of all, plus the last
-    window item (a target only). The DataLoader and device batches both size batches by it."""
-    return rounded_width(longest - 1, multiple, widest - 1) + 1
+    window item (a target only). The DataLoader and device batches both size batches by it.
+
+    `static` (data.static_shapes): the inputs rounded up to a power of two of at least
+    MIN_STATIC_WIDTH instead, so that a run sees at most a handful of widths (8, 16, 32, 50 at
+    max_len 50; six at max_len 200), each one graph for torch.compile and CUDA graphs."""
+    inputs = longest - 1
+    if static:
+        bucket = max(MIN_STATIC_WIDTH, 1 << max(inputs - 1, 0).bit_length())
+        return max(inputs, min(widest - 1, bucket)) + 1
+    return rounded_width(inputs, multiple, widest - 1) + 1
+
+
+def pad_rows(batch: dict[str, torch.Tensor], rows: int | None) -> dict[str, torch.Tensor]:
+    """A training batch grown to `rows` rows (data.static_shapes: every batch as tall as
+    data.batch_size) with empty rows: all padding, so they hold no target and no model reads them."""
+    if rows is None:
+        return batch
+    missing = rows - next(iter(batch.values())).size(0)
+    if missing <= 0:
+        return batch
+    return {
+        key: torch.cat([value, value.new_zeros(missing, *value.shape[1:])]) for key, value in batch.items()
+    }
 
 
 class TrainWindows(Dataset):
@@ -84,6 +109,8 @@ class TrainWindows(Dataset):
         # Per-event arrays aligned with `items` (event-typed data only).
         self.events, self.gaps, self.is_target = events, gaps, is_target
         self.width_multiple = width_multiple
+        # data.static_shapes: every batch this many rows (data.batch_size), widths in powers of two.
+        self.static_rows: int | None = None
         # The widest window of all, as wide as the device path's matrix.
         self.widest = int(self.lengths.max()) if len(starts) else 0
 
@@ -99,7 +126,10 @@ class TrainWindows(Dataset):
         starts, ends = self.starts[indices], self.ends[indices]
         width = None
         if len(indices):
-            width = window_batch_width(int((ends - starts).max()), self.width_multiple, self.widest)
+            longest = int((ends - starts).max())
+            width = window_batch_width(
+                longest, self.width_multiple, self.widest, self.static_rows is not None
+            )
         windows = gather_windows(self.items, starts, ends, width)
         targets = windows[:, 1:]
         # The last item of a window is only a target: padding it out of the inputs keeps every
@@ -118,7 +148,7 @@ class TrainWindows(Dataset):
             # Only positions whose next event is of a target type enter the loss.
             mask = gather_windows(self.is_target, starts, ends, width)[:, 1:].astype(bool)
             batch["target_mask"] = torch.from_numpy(np.ascontiguousarray(mask))
-        return batch
+        return pad_rows(batch, self.static_rows)
 
 
 class EvalUsers(Dataset):

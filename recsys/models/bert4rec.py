@@ -32,7 +32,7 @@ from torch import nn
 from recsys.errors import UserInputError
 from recsys.models.events import BehaviourEmbedding
 from recsys.models.item_attributes import item_attributes, item_table
-from recsys.models.network import DataInfo, SequenceNetwork, flat_positions, keep_last_positions, position_ids
+from recsys.models.network import DataInfo, SequenceNetwork, keep_last_positions, position_ids
 from recsys.models.transformer import TransformerBlock, init_weights
 
 
@@ -132,14 +132,14 @@ class BERT4Rec(SequenceNetwork):
     @property
     def catalogue_embeddings(self) -> torch.Tensor:
         """Rows 0..num_items of the embedding table: padding and the items, not [MASK]; with
-        `item_bias`, each row ends in its item's offset (the queries of `_head` end in a 1), so that
+        `item_bias`, each row ends in its item's offset (the queries of `query_head` end in a 1), so that
         every loss and the chunked ranking score `h.e + b` as the plain dot product they compute."""
         weights = self._item_table()[: self.num_items + 1]
         if self.item_bias is None:
             return weights
         return torch.cat([weights, self.item_bias[:, None].to(weights.dtype)], dim=1)
 
-    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+    def query_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Query vectors (N, d or d + 1) from the last block's hidden states (N, d)."""
         hidden = self.head_transform(hidden)
         if self.item_bias is None:
@@ -194,9 +194,12 @@ class BERT4Rec(SequenceNetwork):
             last_hidden = torch.where(only, real[rows, last], masked[rows, last])
             masked &= ~only[:, None]
             masked[rows, last] = last_hidden
-        return masked
+        # An empty row (data.static_shapes pads batches with them) has no last item to hide.
+        return masked & real
 
-    def training_outputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def training_outputs(
+        self, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # The datamodule's window is input_ids[0] followed by target_ids: up to max_len + 1 items,
         # the length a history plus the appended [MASK] has at inference.
         sequences = torch.cat([batch["input_ids"][:, :1], batch["target_ids"]], dim=1)
@@ -211,8 +214,7 @@ class BERT4Rec(SequenceNetwork):
             # A hidden position's time gap is unknown, as it is for the [MASK] at inference.
             gaps = torch.cat([batch["input_gaps"][:, :1], batch["target_gaps"]], dim=1).masked_fill(masked, 0)
         hidden = self(sequences.masked_fill(masked, self.mask_id), events, gaps)
-        index = flat_positions(masked)
-        return self._head(hidden.flatten(0, 1)[index]), sequences.flatten()[index]
+        return hidden, sequences, masked
 
     def item_vectors(self) -> torch.Tensor:
         return self.catalogue_embeddings
@@ -239,4 +241,4 @@ class BERT4Rec(SequenceNetwork):
         # The [MASK] asks for an event of the target's type; its time gap is unknown (bucket 0).
         events = append(events, target_event if target_event is not None else 0)
         gaps = append(gaps, 0)
-        return self._head(self(inputs, events, gaps)[rows, lengths])
+        return self.query_head(self(inputs, events, gaps)[rows, lengths])

@@ -118,7 +118,9 @@ def build_model(
     }
     if "ks" in options:
         options["ks"] = list(options["ks"])
-    model = SequentialRecommender(network, loss=loss, data=data, **options)
+    # data.static_shapes: batches of a few fixed shapes, trained by the masked step that compiles whole.
+    static_step = bool(cfg.get("data", {}).get("static_shapes", False))
+    model = SequentialRecommender(network, loss=loss, data=data, static_step=static_step, **options)
     evaluation = cfg.get("evaluation") if evaluation is None else evaluation
     evaluation = evaluation if evaluation is not None else {}
     sampled = evaluation.get("sampled")

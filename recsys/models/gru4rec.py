@@ -15,7 +15,6 @@ from recsys.models.item_attributes import embed_items, item_attributes, item_tab
 from recsys.models.network import (
     DataInfo,
     SequenceNetwork,
-    flat_positions,
     keep_last_positions,
     last_real_position,
     target_positions,
@@ -62,10 +61,10 @@ class GRU4Rec(SequenceNetwork):
         states, _ = self.gru(self.input_dropout(items))
         return self.project(self.output_dropout(states))
 
-    def training_outputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self(batch["input_ids"])
-        index = flat_positions(target_positions(batch))
-        return hidden.flatten(0, 1)[index], batch["target_ids"].flatten()[index]
+    def training_outputs(
+        self, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self(batch["input_ids"]), batch["target_ids"], target_positions(batch)
 
     def user_vectors(self, history: torch.Tensor) -> torch.Tensor:
         (history,) = keep_last_positions(history, self.max_len)

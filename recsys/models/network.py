@@ -4,7 +4,8 @@ A model is one network file plus one config. The network (a plain `nn.Module`, s
 `SequenceNetwork`) holds only the model: its embeddings and blocks, how it turns a training batch
 into query vectors and their target items (`training_outputs`), and how it scores items after a
 history (`user_vectors` and `item_vectors`, whose dot products are the scores; or `score`).
-Everything else, the loss at the target positions, batch weighting, the optimizer and scheduler,
+Everything else, which positions enter the loss (gathered, or all of them weighted under
+`data.static_shapes`), the loss, batch weighting, the optimizer and scheduler,
 evaluation, checkpoints, is `recsys.training.module.SequentialRecommender`, the same for every model.
 
 What the network needs from the data (item count, event types, training item counts) reaches it
@@ -80,10 +81,21 @@ class SequenceNetwork(nn.Module):
         the history's `events`, `gaps` and the `target_event` type."""
         return False
 
-    def training_outputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(queries (N, d), target items (N,)) of a training batch's N target positions: the loss
-        scores each query against `item_vectors()`."""
+    def training_outputs(
+        self, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(hidden (B, L, d), target items (B, L), has_target (B, L) bool) of a training batch: the
+        loss scores `query_head(hidden)` at the positions with a target against `item_vectors()`.
+        Every position is returned, so that the training module, not the network, chooses between
+        gathering the target positions and weighting all of them (a shape that does not depend on
+        the data, which torch.compile and CUDA graphs need)."""
         raise NotImplementedError(f"{type(self).__name__} must implement training_outputs")
+
+    def query_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Query vectors (N, d') from hidden states (N, d) of `training_outputs`: identity, unless
+        a network scores through a head of its own (BERT4Rec). Applied after the target positions
+        are gathered, so that it runs on those alone."""
+        return hidden
 
     def user_vectors(self, history: torch.Tensor, **features: torch.Tensor) -> torch.Tensor:
         """(B, d) vectors whose dot products with `item_vectors()` score every item as the next one
@@ -109,11 +121,12 @@ class CausalItemNetwork(SequenceNetwork):
     def reads_events(self) -> bool:
         return self.behaviour.active
 
-    def training_outputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def training_outputs(
+        self, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         hidden = self(batch["input_ids"], batch.get("input_events"), batch.get("input_gaps"))
         # Every position with a next item (of a target type) predicts it.
-        index = flat_positions(target_positions(batch))
-        return hidden.flatten(0, 1)[index], batch["target_ids"].flatten()[index]
+        return hidden, batch["target_ids"], target_positions(batch)
 
     def user_vectors(
         self,

@@ -124,10 +124,9 @@ def negative_samplers(module: torch.nn.Module):
     """(name, NegativeSampler) of every sampler held by a submodule (the sampling losses')."""
     from recsys.losses import NegativeSampler
 
-    for module_name, submodule in module.named_modules():
-        for attribute, value in vars(submodule).items():
-            if isinstance(value, NegativeSampler):
-                yield f"{module_name}.{attribute}", value
+    for name, submodule in module.named_modules():
+        if isinstance(submodule, NegativeSampler):
+            yield name, submodule
 
 
 def rng_states() -> dict:

@@ -1,6 +1,6 @@
 """What the hardware can do: bf16, torch.compile, fused optimizers; fall back with one warning line.
 
-A config asks for speed-ups (trainer.precision=bf16-mixed, compile=true); this module checks that
+A config asks for speed-ups (trainer.precision=bf16-mixed, compile=true|reduce-overhead); this module checks that
 the machine can deliver them and, where it cannot, changes the request to what works and says so
 in one warning line naming the key and what was changed. A GPU asked for where there is none is an
 error, not a silent CPU run.
@@ -81,6 +81,35 @@ def compile_problem(device_type: str) -> str | None:
     if not any(shutil.which(name) for name in ("cc", "gcc", "clang", "c++", "g++")):
         return "no C/C++ compiler is on the PATH"
     return None
+
+
+def check_compile(setting, static_shapes: bool) -> None:
+    """The `compile` key: false, true (torch.compile) or reduce-overhead (and CUDA graphs, which
+    replay a step only for shapes they have captured: data.static_shapes)."""
+    if not (isinstance(setting, bool) or setting == "reduce-overhead"):
+        raise UserInputError(f"compile: must be false, true or reduce-overhead, got {setting!r}")
+    if setting == "reduce-overhead" and not static_shapes:
+        raise UserInputError(
+            "compile: reduce-overhead (CUDA graphs) needs training batches of fixed shapes; set data.static_shapes=true"
+        )
+
+
+def compile_training(model, setting, device_type: str, backend: str = "inductor") -> bool:
+    """Compile what `setting` (the `compile` key) asks for, if it can run here: with
+    data.static_shapes the whole training step of `model` (a SequentialRecommender: network and
+    loss, fullgraph, one graph per batch shape; `compile_step`), otherwise the network's forward
+    (`maybe_compile`). Returns whether anything was compiled."""
+    check_compile(setting, model.static_step)
+    if not model.static_step:
+        return maybe_compile(model.network, bool(setting), device_type, backend)
+    if setting is False:
+        return False
+    problem = compile_problem(device_type)
+    if problem is not None:
+        _fallback(f"compile: torch.compile cannot run here ({problem}); training eager instead")
+        return False
+    model.compile_step(mode=None if setting is True else setting, backend=backend)
+    return True
 
 
 def maybe_compile(model: nn.Module, enabled: bool, device_type: str, backend: str = "inductor") -> bool:

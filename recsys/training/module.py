@@ -41,7 +41,7 @@ from recsys.evaluation.metrics import (
 )
 from recsys.evaluation.window_ranking import chunked_window_ranks, list_positions, window_target_ranks
 from recsys.losses import check_catalogue
-from recsys.models.network import DataInfo, SequenceNetwork
+from recsys.models.network import DataInfo, SequenceNetwork, flat_positions
 from recsys.training.hardware import skip_cudnn_attention, with_fused
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -99,6 +99,7 @@ class SequentialRecommender(pl.LightningModule):
         ks: Sequence[int] = DEFAULT_KS,
         weight_batches_by_targets: bool = True,
         data: DataInfo | None = None,
+        static_step: bool = False,
     ):
         super().__init__()
         check_loss(type(network), loss)
@@ -113,6 +114,10 @@ class SequentialRecommender(pl.LightningModule):
         self.loss = loss
         self.num_items = network.num_items
         self.weight_batches_by_targets = weight_batches_by_targets
+        # data.static_shapes: the loss weights every position of a padded batch by a mask instead of
+        # gathering the target positions (`masked_loss`); `compile_step` then compiles the step whole.
+        self.static_step = static_step
+        self._compiled_step: Callable | None = None
         # Target positions and batches trained on so far (this process, since the model was built
         # or loaded), for the running mean of targets per batch in training_step.
         self._targets_seen = 0
@@ -164,14 +169,46 @@ class SequentialRecommender(pl.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         if not self.network.trainable:
             return None  # e.g. most-popular: its counts came from the data, nothing to fit
-        queries, targets = self.network.training_outputs(batch)
+        if self.static_step:
+            loss, targets = (self._compiled_step or self.masked_loss)(batch)
+            return self._weighted(loss, targets)
+        hidden, targets, has_target = self.network.training_outputs(batch)
+        index = flat_positions(has_target)
+        queries = self.network.query_head(hidden.flatten(0, 1)[index])
+        loss = self._loss(queries, targets.flatten()[index])
+        return self._weighted(loss, len(index))
+
+    def masked_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean loss over the target positions, their count) of a batch, from every position
+        with a mask (data.static_shapes): no shape and no host sync depends on the data, so the
+        step compiles to one graph per batch shape (`compile_step`). Same value and gradients as
+        gathering the target positions first."""
+        hidden, targets, has_target = self.network.training_outputs(batch)
+        mask = has_target.flatten()
+        queries = self.network.query_head(hidden.flatten(0, 1))
+        return self._loss(queries, targets.flatten(), mask), mask.sum()
+
+    def _loss(
+        self, queries: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         items = self.network.item_vectors()
         if self.training_rows is not None:
             items, targets = items[self.training_rows], self.training_index[targets]
-        loss = self.loss(queries, targets, items)
-        return self._weighted(loss, len(targets))
+        if mask is None:
+            return self.loss(queries, targets, items)
+        return self.loss(queries, targets, items, mask=mask)
 
-    def _weighted(self, loss: torch.Tensor, targets: int) -> torch.Tensor:
+    def compile_step(self, mode: str | None = None, backend: str = "inductor") -> None:
+        """torch.compile the masked training step (network and loss) with fullgraph=True and static
+        shapes: one graph per batch shape, replayed as CUDA graphs with mode="reduce-overhead"."""
+        if not self.static_step:
+            raise UserInputError("compile: compiling the whole training step needs data.static_shapes=true")
+        torch._dynamo.config.allow_rnn = True  # GRU4Rec: trace nn.GRU instead of refusing it
+        self._compiled_step = torch.compile(
+            self.masked_loss, fullgraph=True, dynamic=False, mode=mode, backend=backend
+        )
+
+    def _weighted(self, loss: torch.Tensor, targets: int | torch.Tensor) -> torch.Tensor:
         """Log a batch's mean loss over its `targets` target positions and return what to minimise.
 
         With weight_batches_by_targets, that is the mean times targets / (running mean of targets
@@ -184,6 +221,13 @@ class SequentialRecommender(pl.LightningModule):
         if not self.weight_batches_by_targets:
             return loss
         world = self.trainer.world_size if self._trainer is not None else 1
+        if isinstance(targets, torch.Tensor):
+            # The static step: the same weights, the counts kept on the device (no host sync).
+            count = targets.float()
+            total = self.trainer.strategy.reduce(count.clone(), reduce_op="sum") if world > 1 else count
+            self._targets_seen = total + self._targets_seen
+            self._batches_seen += 1
+            return loss * (world * count * self._batches_seen / self._targets_seen.clamp(min=1))
         if world > 1:
             # DDP averages the processes' gradients: weigh each by its share of the step's targets
             # over all processes, and keep the running mean of those totals, so that a target
@@ -235,7 +279,7 @@ class SequentialRecommender(pl.LightningModule):
         if self.attribute_vocabulary is not None:  # what each attribute embedding stands for
             checkpoint["item_attribute_vocabulary"] = self.attribute_vocabulary
         # So that a resumed run weighs its batches exactly as the uninterrupted run would have.
-        checkpoint["targets_seen"] = self._targets_seen
+        checkpoint["targets_seen"] = int(self._targets_seen)
         checkpoint["batches_seen"] = self._batches_seen
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

@@ -162,7 +162,14 @@ VARIED = "".join(
 
 
 @pytest.mark.parametrize(
-    "options", [{}, {"length_bucketing": False}, {"sliding_window_step": 2}, {"width_multiple": 4}]
+    "options",
+    [
+        {},
+        {"length_bucketing": False},
+        {"sliding_window_step": 2},
+        {"width_multiple": 4},
+        {"static_shapes": True},
+    ],
 )
 def test_device_batches_equal_the_dataloader_batches(tmp_path, options):
     plain = make_datamodule(

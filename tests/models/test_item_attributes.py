@@ -133,8 +133,7 @@ def test_training_reaches_the_attribute_embeddings(network, options):
         "input_ids": torch.tensor([[1, 2, 3, 0], [4, 5, 0, 0]]),
         "target_ids": torch.tensor([[2, 3, 4, 0], [5, 6, 0, 0]]),
     }
-    queries, targets = model.network.training_outputs(batch)
-    model.loss(queries, targets, model.network.item_vectors()).backward()
+    model.training_step(batch, 0).backward()
     gradient = model.network.item_attributes.embedding.weight.grad
     assert gradient[1:].abs().sum() > 0 and gradient[0].abs().sum() == 0  # padding never learns
 
