@@ -18,6 +18,7 @@ top level (`item_embedding.weight`); `upgrade_state_dict` moves them under `netw
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -117,6 +118,11 @@ class SequentialRecommender(pl.LightningModule):
         # data.static_shapes: the loss weights every position of a padded batch by a mask instead of
         # gathering the target positions (`masked_loss`); `compile_step` then compiles the step whole.
         self.static_step = static_step
+        if static_step and loss is not None and "mask" not in inspect.signature(loss.forward).parameters:
+            raise UserInputError(
+                f"data.static_shapes: the loss {type(loss).__name__} takes no mask= (docs/extending.md, "
+                "a new loss); train it with data.static_shapes=false"
+            )
         self._compiled_step: Callable | None = None
         # Target positions and batches trained on so far (this process, since the model was built
         # or loaded), for the running mean of targets per batch in training_step.

@@ -255,3 +255,14 @@ def test_compile_settings_are_checked_before_the_data():
         hardware.check_compile("max", True)
     with pytest.raises(UserInputError, match=r"^data.static_shapes: must be true or false"):
         SequenceDataModule(name="toy", path="x", format="sequence", static_shapes="yes")
+
+
+def test_a_loss_without_a_mask_is_refused_for_static_shapes():
+    class NoMask(torch.nn.Module):
+        def forward(self, hidden, targets, item_embeddings):
+            return hidden.sum()
+
+    network = SASRec(DataInfo(NUM_ITEMS), max_len=8, dim=8)
+    SequentialRecommender(network, NoMask())  # the plain step needs no mask
+    with pytest.raises(UserInputError, match=r"^data.static_shapes: the loss NoMask takes no mask="):
+        SequentialRecommender(network, NoMask(), static_step=True)
