@@ -223,11 +223,14 @@ class SequentialRecommender(pl.LightningModule):
         targets or 6,000; with plain batch means a short history's targets weighed ~20x a long
         one's. Dividing by the running mean, not a constant, keeps the average weight at 1, so
         learning rates tuned either way still fit."""
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=targets)
+        # The static step keeps the loss off the progress bar, which reads it back (a host sync)
+        # after every step; the loggers read it every trainer.log_every_n_steps.
+        static = isinstance(targets, torch.Tensor)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=not static, batch_size=targets)
         if not self.weight_batches_by_targets:
             return loss
         world = self.trainer.world_size if self._trainer is not None else 1
-        if isinstance(targets, torch.Tensor):
+        if static:
             # The static step: the same weights, the counts kept on the device (no host sync).
             count = targets.float()
             total = self.trainer.strategy.reduce(count.clone(), reduce_op="sum") if world > 1 else count
