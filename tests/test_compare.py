@@ -195,3 +195,21 @@ def test_seed_groups_ignore_null_keys_and_where_a_run_was(tmp_path):
         (tmp_path / name / "config.yaml").write_text(text)
         keys[name] = _config_key(tmp_path / name)
     assert keys["a"] == keys["b"] != keys["c"]
+
+
+def test_seed_groups_give_keys_added_later_the_value_older_runs_had(tmp_path):
+    from recsys.evaluation.compare import _config_key
+
+    configs = {
+        "before": "seed: 1\nmodel: {dim: 64}\nevaluation: {k: 1}\ndata: {name: x}\n",
+        "after": "seed: 2\nmodel: {dim: 64, block: transformer, id_dropout: 0.0}\n"
+        "evaluation: {k: 1, ips_gamma: 0.5}\ndata: {name: x, static_shapes: false}\n",
+        "changed": "seed: 3\nmodel: {dim: 64, block: ligr, id_dropout: 0.0}\nevaluation: {k: 1, ips_gamma: 0.5}\n"
+        "data: {name: x, static_shapes: false}\n",
+    }
+    keys = {}
+    for name, text in configs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text(text)
+        keys[name] = _config_key(tmp_path / name)
+    assert keys["before"] == keys["after"] != keys["changed"]

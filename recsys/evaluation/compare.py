@@ -68,6 +68,24 @@ class RunResults:
 _NOT_IN_KEY = ("seed", "paths", "cache_dir", "dirpath", "default_root_dir", "save_dir", "output_dir")
 
 
+# Keys added to the configs after runs had been written, each with the value that does what those
+# runs did: a config without one groups with the runs that have it at that value.
+_LATER_KEYS = {
+    ("evaluation", "ips_gamma"): 0.5,
+    ("model", "block"): "transformer",
+    ("model", "id_dropout"): 0.0,
+    ("data", "static_shapes"): False,
+}
+
+
+def _with_later_keys(config: dict) -> dict:
+    for (group, key), value in _LATER_KEYS.items():
+        node = config.setdefault(group, {})
+        if isinstance(node, dict):
+            node.setdefault(key, value)
+    return config
+
+
 def _config_key(run_dir: Path) -> str | None:
     """The run's resolved config with every seed and path removed, as a canonical string."""
     config = run_dir / "config.yaml"
@@ -94,7 +112,7 @@ def _config_key(run_dir: Path) -> str | None:
             return [strip(v) for v in node]
         return node
 
-    container = OmegaConf.to_container(OmegaConf.load(config), resolve=False)
+    container = _with_later_keys(OmegaConf.to_container(OmegaConf.load(config), resolve=False))
     return json.dumps(strip(container), sort_keys=True, default=str)
 
 
