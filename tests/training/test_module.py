@@ -6,7 +6,7 @@ import torch
 from recsys.errors import UserInputError
 from recsys.models.network import DataInfo
 from recsys.models.sasrec import SASRec
-from recsys.training import module as module_file
+from recsys.training import evaluation_steps as module_file
 from tests.builders import module
 
 
