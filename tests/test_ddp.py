@@ -246,7 +246,7 @@ def _training_batch(lengths, width, seed, num_items=30):
     return {"input_ids": ids[:, :-1].clone(), "target_ids": ids[:, 1:].clone()}
 
 
-def _one_step_updates(batches, devices):
+def _one_step_updates(batches, devices, static=False):
     """What one SGD step of the training module changes in each weight, with `devices` CPU
     processes (DDP over gloo: process r trains on batches[r]) or one process (batches[0])."""
     import functools
@@ -262,6 +262,7 @@ def _one_step_updates(batches, devices):
     model = module(
         SASRec(DataInfo(30), max_len=8, dim=16, dropout=0.0),
         optimizer=functools.partial(torch.optim.SGD, lr=1.0),  # the update is the gradient
+        static_step=static,  # data.static_shapes: the masked step, target counts kept on the device
     )
     before = {name: value.clone() for name, value in model.state_dict().items()}
     trainer = pl.Trainer(
@@ -290,10 +291,12 @@ def _one_step_updates(batches, devices):
         ),
     ],
 )
-def test_one_step_on_two_processes_equals_one_process_on_the_combined_batch(lengths):
+@pytest.mark.parametrize("static", [False, True], ids=["gathered", "static"])
+def test_one_step_on_two_processes_equals_one_process_on_the_combined_batch(lengths, static):
     halves = [_training_batch(lengths[0], 8, seed=1), _training_batch(lengths[1], 8, seed=2)]
     combined = {key: torch.cat([half[key] for half in halves]) for key in halves[0]}
-    two, one = _one_step_updates(halves, devices=2), _one_step_updates([combined], devices=1)
+    two = _one_step_updates(halves, devices=2, static=static)
+    one = _one_step_updates([combined], devices=1, static=static)
     assert sum(float(update.abs().sum()) for update in one.values()) > 1.0  # the step did move
     for name, update in one.items():
         torch.testing.assert_close(two[name], update, rtol=1e-4, atol=1e-6, msg=name)
