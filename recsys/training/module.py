@@ -109,6 +109,7 @@ class SequentialRecommender(RankingEvaluation, pl.LightningModule):
                 "a new loss); train it with data.static_shapes=false"
             )
         self._compiled_step: Callable | None = None
+        self._cuda_graphs = False  # compile_step(mode="reduce-overhead")
         # Target positions and batches trained on so far (this process, since the model was built
         # or loaded), for the running mean of targets per batch in training_step.
         self._targets_seen = 0
@@ -146,6 +147,9 @@ class SequentialRecommender(RankingEvaluation, pl.LightningModule):
         if not self.network.trainable:
             return None  # e.g. most-popular: its counts came from the data, nothing to fit
         if self.static_step:
+            if self._cuda_graphs:
+                # A new training step: the graphs' outputs of the last one may be overwritten now.
+                torch.compiler.cudagraph_mark_step_begin()
             loss, targets = (self._compiled_step or self.masked_loss)(batch)
             return self._weighted(loss, targets)
         hidden, targets, has_target = self.network.training_outputs(batch)
@@ -180,6 +184,7 @@ class SequentialRecommender(RankingEvaluation, pl.LightningModule):
         if not self.static_step:
             raise UserInputError("compile: compiling the whole training step needs data.static_shapes=true")
         torch._dynamo.config.allow_rnn = True  # GRU4Rec: trace nn.GRU instead of refusing it
+        self._cuda_graphs = mode == "reduce-overhead"
         self._compiled_step = torch.compile(
             self.masked_loss, fullgraph=True, dynamic=False, mode=mode, backend=backend
         )
