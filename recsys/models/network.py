@@ -2,10 +2,10 @@
 
 A model is one network file plus one config. The network (a plain `nn.Module`, subclass of
 `SequenceNetwork`) holds only the model: its embeddings and blocks, how it turns a training batch
-into query vectors and their target items (`training_outputs`), and how it scores items after a
-history (`user_vectors` and `item_vectors`, whose dot products are the scores; or `score`).
-Everything else, which positions enter the loss (gathered, or all of them weighted under
-`data.static_shapes`), the loss, batch weighting, the optimizer and scheduler,
+into hidden states, target items and which positions have a target (`training_outputs`), and how
+it scores items after a history (`user_vectors` and `item_vectors`, whose dot products are the
+scores; or `score`). Everything else, which positions enter the loss (gathered, or all of them
+weighted under `data.static_shapes`), the loss, batch weighting, the optimizer and scheduler,
 evaluation, checkpoints, is `recsys.training.module.SequentialRecommender`, the same for every model.
 
 What the network needs from the data (item count, event types, training item counts) reaches it
