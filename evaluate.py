@@ -41,6 +41,7 @@ from recsys.evaluation.compare import (
     comparison_markdown,
     load_run,
     paired_t_pvalue,
+    restrict_to_slice,
     seed_summary,
     target_column,
 )
@@ -160,13 +161,17 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
 
 
 def compare(cfg: DictConfig, out_dir: Path) -> dict:
-    runs = [load_run(path) for path in cfg.compare]
+    runs = restrict_to_slice([load_run(path) for path in cfg.compare], cfg.get("compare_slice"))
     metrics = list(cfg.compare_metrics)
     seeds = seed_summary(runs, metrics, cfg.confidence)
     if cfg.average_seeds:  # compare variants: each user's metrics averaged over a variant's seeds
         runs = average_over_seeds(runs)
     table = compare_runs(runs, metrics, cfg.confidence, cfg.bootstrap_samples, cfg.seed)
     markdown = comparison_markdown(table, seeds, cfg.confidence)
+    if cfg.get("compare_slice"):
+        markdown = (
+            f"Users with {cfg.compare_slice} targets only (compare_slice={cfg.compare_slice}).\n\n{markdown}"
+        )
     with atomic_path(out_dir / "comparison.csv") as tmp:
         table.to_csv(tmp, index=False)
     if len(seeds):

@@ -213,3 +213,29 @@ def test_seed_groups_give_keys_added_later_the_value_older_runs_had(tmp_path):
         (tmp_path / name / "config.yaml").write_text(text)
         keys[name] = _config_key(tmp_path / name)
     assert keys["before"] == keys["after"] != keys["changed"]
+
+
+def test_compare_slice_keeps_the_users_of_one_kind_of_target(tmp_path):
+    from recsys.evaluation.compare import restrict_to_slice
+
+    ranks = np.arange(1, 41)
+    a, b = write_run(tmp_path / "a", ranks), write_run(tmp_path / "b", ranks[::-1].copy())
+    for path in (a, b):  # users 100..139; every fourth one's target is a cold item
+        frame = pd.read_parquet(path / "per_user.parquet")
+        frame["cold_target"] = (frame["user_id"] - 100) % 4 == 0
+        frame.to_parquet(path / "per_user.parquet")
+    runs = [load_run(a), load_run(b)]
+    warm, cold = restrict_to_slice(runs, "warm"), restrict_to_slice(runs, "cold")
+    assert [len(r.per_user) for r in warm] == [30, 30] and [len(r.per_user) for r in cold] == [10, 10]
+    assert list(cold[1].per_user["user_id"]) == list(range(100, 140, 4))
+    table = compare_runs(cold, ["ndcg@10"], bootstrap_samples=200)
+    assert set(table["users"]) == {10}
+    assert restrict_to_slice(runs, None) == runs
+    with pytest.raises(
+        UserInputError, match=r"^compare_slice: 'hot' is not one of \['warm', 'cold', 'new', 'repeat'\]"
+    ):
+        restrict_to_slice(runs, "hot")
+    with pytest.raises(
+        UserInputError, match=r"^compare_slice: .*per_user.parquet has no repeat_target column"
+    ):
+        restrict_to_slice(runs, "repeat")
