@@ -317,6 +317,10 @@ def test_static_shapes_train_and_learn(tmp_path, popularity):
             "error: evaluation.seen_items: 'new' is not one of ['exclude', 'keep', 'exclude_but_target']",
         ),
         (
+            ["model=hstu", "model.time_gaps=true"],
+            "error: model.time_gaps: the data has no event types; set data.event_types (e.g. data=retailrocket)",
+        ),
+        (
             ["compile=reduce-overhead"],
             "error: compile: reduce-overhead (CUDA graphs) needs training batches of fixed shapes; "
             "set data.static_shapes=true",

@@ -83,6 +83,13 @@ def check_model_config(cfg: DictConfig) -> None:
     network = network_class(cfg)
     check_loss(network, loss)
     network.check_options(network_config(cfg.model))
+    # Event types and time gaps reach a network only from event-typed data (recsys/data/features.py).
+    data = cfg.get("data") or {}
+    for switch in ("event_embedding", "time_gaps"):
+        if cfg.model.get(switch) and not data.get("event_types"):
+            raise UserInputError(
+                f"model.{switch}: the data has no event types; set data.event_types (e.g. data=retailrocket)"
+            )
 
 
 def data_info(datamodule) -> DataInfo:
