@@ -82,6 +82,7 @@ bench 150 benchmarks/train_throughput.py --model bert4rec $TP --fused $STATIC
 # its train_seconds, best_epoch and test NDCG@10 in the JSON line.
 if [ -z "${PICK:-}" ] || echo "make_train_static" | grep -Eq -- "$PICK"; then
     echo "== make train, static step"
+    rm -rf /tmp/make_train_static  # a finished run directory is refused: a rerun starts afresh
     started=$SECONDS
     timeout 240 $PY train.py trainer=gpu logger=csv data.static_shapes=true compile=reduce-overhead \
         loss.fused=auto hydra.run.dir=/tmp/make_train_static >"$OUT/make_train_static.log" 2>&1
