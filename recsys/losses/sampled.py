@@ -35,6 +35,10 @@ class NegativeSampler(nn.Module):
         self.seed = seed
         counts = None if item_counts is None else torch.as_tensor(item_counts).to(torch.float32)
         self.register_buffer("item_counts", counts, persistent=False)
+        # q of the whole catalogue the counts describe, built once: a buffer moves with the loss and,
+        # unlike a cache filled on the first call, is no state that a compiled step guards on.
+        table = None if counts is None or len(counts) < 2 else self._popularity(counts, len(counts) - 1)
+        self.register_buffer("popularity", table, persistent=False)
         self._generator: torch.Generator | None = None
 
     def _rng(self, device: torch.device) -> torch.Generator:
@@ -47,19 +51,29 @@ class NegativeSampler(nn.Module):
         return self._generator
 
     def probabilities(self, num_items: int, device: torch.device) -> torch.Tensor:
-        """q(item) for items 0..num_items (0 = padding, probability 0), ignoring the exclusion.
-
-        Computed at each call (a few microseconds): a cache would be state a compiled step guards
-        on, compiling again when it fills."""
+        """q(item) for items 0..num_items (0 = padding, probability 0), ignoring the exclusion."""
         if self.distribution == "uniform":
             q = torch.full((num_items + 1,), 1.0 / num_items, device=device)
-        else:
-            if self.item_counts is None:
-                raise UserInputError(
-                    "loss.item_counts: popularity sampling and logQ need the training item counts"
-                )
-            q = self.item_counts.to(device)[: num_items + 1] + 1.0
-            q = q / q[1:].sum()
+            q[0] = 0.0
+            return q
+        if self.item_counts is None:
+            raise UserInputError(
+                "loss.item_counts: popularity sampling and logQ need the training item counts"
+            )
+        if self.popularity is not None and len(self.popularity) == num_items + 1:
+            return self.popularity.to(device)
+        return self._popularity(self.item_counts.to(device), num_items)
+
+    def probability_of(self, items: torch.Tensor, num_items: int) -> torch.Tensor:
+        """q of each of `items` (any shape, ids 1..num_items), without building the uniform table."""
+        if self.distribution == "uniform":
+            return torch.full_like(items, 1.0 / num_items, dtype=torch.float32)
+        return self.probabilities(num_items, items.device)[items]
+
+    @staticmethod
+    def _popularity(counts: torch.Tensor, num_items: int) -> torch.Tensor:
+        q = counts[: num_items + 1] + 1.0
+        q = q / q[1:].sum()
         q[0] = 0.0
         return q
 
@@ -211,7 +225,7 @@ class SampledSoftmax(nn.Module):
         negatives = self.sampler(targets, num_items, self.num_negatives, static=mask is not None)
         positive, negative = _positive_and_negative_logits(hidden, targets, item_embeddings, negatives)
         if self.logq_correction:
-            q = self.sampler.probabilities(num_items, hidden.device)[negatives]
+            q = self.sampler.probability_of(negatives, num_items)
             negative = negative - (self.num_negatives * q).log()
         logits = torch.cat([positive[:, None], negative], dim=1)
         return _cross_entropy(logits, torch.zeros_like(targets), mask)
