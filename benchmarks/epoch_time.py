@@ -21,6 +21,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.profilers import SimpleProfiler
+from report import add_step_arguments, compile_setting
 
 from recsys.data import SequenceDataModule
 from recsys.losses import FullCrossEntropy
@@ -49,17 +50,7 @@ def main() -> None:
     )
     parser.add_argument("--no-bucketing", action="store_true", help="plain shuffled batches")
     parser.add_argument("--fused", action="store_true", help="the Triton loss kernels (loss.fused=true)")
-    parser.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the network (with --static-shapes: the whole step)",
-    )
-    parser.add_argument(
-        "--static-shapes", action="store_true", help="data.static_shapes: fixed batch shapes, the masked step"
-    )
-    parser.add_argument(
-        "--cuda-graphs", action="store_true", help="compile=reduce-overhead (needs --static-shapes)"
-    )
+    add_step_arguments(parser)
     parser.add_argument(
         "--device-batches", default="auto", help="auto | true | false (see configs/data/common.yaml)"
     )
@@ -92,8 +83,9 @@ def main() -> None:
     )
     loss = FullCrossEntropy(chunk_size=args.chunk_size or None, fused=args.fused)
     model = SequentialRecommender(network, loss=loss, static_step=args.static_shapes)
-    setting = "reduce-overhead" if args.cuda_graphs else args.compile
-    compiled = compile_training(model, setting, "cuda" if uses_cuda(args.accelerator) else "cpu")
+    compiled = compile_training(
+        model, compile_setting(args), "cuda" if uses_cuda(args.accelerator) else "cpu"
+    )
     timer = EpochTimer()
     trainer = pl.Trainer(
         accelerator=args.accelerator,

@@ -95,3 +95,23 @@ def emit(benchmark: str, device: torch.device, config: dict, **figures) -> None:
         ),
         flush=True,
     )
+
+
+def add_step_arguments(parser) -> None:
+    """The training-step options a training benchmark shares with train.py (`compile`,
+    `data.static_shapes`); `compile_setting` turns them into the `compile` key's value."""
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the network (with --static-shapes: the whole step)",
+    )
+    parser.add_argument(
+        "--static-shapes", action="store_true", help="data.static_shapes: fixed batch shapes, the masked step"
+    )
+    parser.add_argument(
+        "--cuda-graphs", action="store_true", help="compile=reduce-overhead (needs --static-shapes)"
+    )
+
+
+def compile_setting(args) -> bool | str:
+    return "reduce-overhead" if args.cuda_graphs else args.compile

@@ -22,7 +22,15 @@ import time
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from report import emit, peak_bf16_flops, peak_memory, reset_peak_memory, synchronize
+from report import (
+    add_step_arguments,
+    compile_setting,
+    emit,
+    peak_bf16_flops,
+    peak_memory,
+    reset_peak_memory,
+    synchronize,
+)
 
 from recsys.data import SequenceDataModule
 from recsys.data.sequences import SequenceData
@@ -104,17 +112,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=2)
     parser.add_argument("--heads", type=int, default=1)
     parser.add_argument("--precision", default="bf16-mixed")
-    parser.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the network (with --static-shapes: the whole step)",
-    )
-    parser.add_argument(
-        "--static-shapes", action="store_true", help="data.static_shapes: fixed batch shapes, the masked step"
-    )
-    parser.add_argument(
-        "--cuda-graphs", action="store_true", help="compile=reduce-overhead (needs --static-shapes)"
-    )
+    add_step_arguments(parser)
     parser.add_argument("--item-chunk-size", type=int, default=None)
     parser.add_argument("--fused", action="store_true", help="the Triton loss kernels (loss.fused=true)")
     parser.add_argument("--steps", type=int, default=60)
@@ -182,7 +180,7 @@ def main() -> None:
         profiler=_profiler(args.profile),
     )
     device = trainer.strategy.root_device
-    compiled = compile_training(model, "reduce-overhead" if args.cuda_graphs else args.compile, device.type)
+    compiled = compile_training(model, compile_setting(args), device.type)
     started = time.perf_counter()
     trainer.fit(model, datamodule=datamodule)
     total = time.perf_counter() - started
