@@ -41,7 +41,6 @@ from recsys.evaluation.compare import (
     comparison_markdown,
     load_run,
     paired_t_pvalue,
-    restrict_to_slice,
     seed_summary,
     target_column,
 )
@@ -57,7 +56,7 @@ from recsys.evaluation.interleaving import (
 )
 from recsys.evaluation.metrics import check_seen_items
 from recsys.evaluation.planning import ab_plan, plan_markdown
-from recsys.evaluation.results import write_test_results
+from recsys.evaluation.results import restrict_to_slice, write_test_results
 from recsys.evaluation.tables import format_table, results_table, to_markdown, write_tables
 from recsys.models.from_config import build_model, data_info
 from recsys.runs.files import atomic_path, run_with_user_errors, write_json_atomic

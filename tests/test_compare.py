@@ -216,7 +216,7 @@ def test_seed_groups_give_keys_added_later_the_value_older_runs_had(tmp_path):
 
 
 def test_compare_slice_keeps_the_users_of_one_kind_of_target(tmp_path):
-    from recsys.evaluation.compare import restrict_to_slice
+    from recsys.evaluation.results import restrict_to_slice
 
     ranks = np.arange(1, 41)
     a, b = write_run(tmp_path / "a", ranks), write_run(tmp_path / "b", ranks[::-1].copy())

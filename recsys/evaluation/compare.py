@@ -63,41 +63,6 @@ class RunResults:
     config_key: str | None  # the run's config without seeds and paths, for grouping seeds
 
 
-# compare_slice: the users compared, by a per-user column of per_user.parquet and its value.
-SLICES = {
-    "warm": ("cold_target", False),
-    "cold": ("cold_target", True),
-    "new": ("repeat_target", False),
-    "repeat": ("repeat_target", True),
-}
-
-
-def restrict_to_slice(
-    runs: Sequence[RunResults], name: str | None, key: str = "compare_slice"
-) -> list[RunResults]:
-    """The runs with only the users of slice `name` (warm or cold targets: evaluation.cold_items_share
-    or a time split's new items; new or repeat targets), chosen by the first run's per-user flags
-    (the runs must hold the same users; compare checks it); None: every user."""
-    if name is None:
-        return list(runs)
-    if name not in SLICES:
-        raise UserInputError(f"{key}: {name!r} is not one of {list(SLICES)}")
-    column, value = SLICES[name]
-    first = runs[0].per_user
-    if column not in first.columns:
-        raise UserInputError(
-            f"{key}: {runs[0].path}/per_user.parquet has no {column} column to choose {name} targets by"
-        )
-    users = first.loc[first[column].astype(bool) == value, "user_id"]
-    if len(users) == 0:
-        raise UserInputError(f"{key}: no user of {runs[0].path} has a {name} target")
-    kept = []
-    for run in runs:
-        frame = run.per_user[run.per_user["user_id"].isin(users)].reset_index(drop=True)
-        kept.append(RunResults(run.name, run.path, frame, run.config_key))
-    return kept
-
-
 # Config keys that say where a run is, never what it learns: left out of the key, so that runs
 # copied elsewhere (results/protocol_study) still group by their seeds.
 _NOT_IN_KEY = ("seed", "paths", "cache_dir", "dirpath", "default_root_dir", "save_dir", "output_dir")

@@ -15,20 +15,62 @@ no training event), with the user count of each bucket.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
 
 from recsys.data.sequences import SequenceData
+from recsys.errors import UserInputError
 from recsys.evaluation.debiased import WEIGHT_COLUMN, propensity_weights
 from recsys.evaluation.metrics import metrics_from_positions, metrics_from_ranks
 from recsys.runs.files import atomic_path
 
+if TYPE_CHECKING:  # for the annotation only: training writes results without loading compare.py
+    from recsys.evaluation.compare import RunResults
+
 # Left-closed bucket edges; the last bucket is open-ended.
 HISTORY_LENGTH_EDGES = (1, 3, 5, 10, 20, 50, 200)
 TARGET_COUNT_EDGES = (0, 1, 5, 20, 100, 500)
+
+
+# compare_slice: the users compared, by a per-user column of per_user.parquet and its value.
+SLICES = {
+    "warm": ("cold_target", False),
+    "cold": ("cold_target", True),
+    "new": ("repeat_target", False),
+    "repeat": ("repeat_target", True),
+}
+
+
+def restrict_to_slice(
+    runs: Sequence[RunResults], name: str | None, key: str = "compare_slice"
+) -> list[RunResults]:
+    """The runs with only the users of slice `name` (warm or cold targets: evaluation.cold_items_share
+    or a time split's new items; new or repeat targets), chosen by the first run's per-user flags
+    (the runs must hold the same users; compare checks it); None: every user."""
+    if name is None:
+        return list(runs)
+    if name not in SLICES:
+        raise UserInputError(f"{key}: {name!r} is not one of {list(SLICES)}")
+    column, value = SLICES[name]
+    first = runs[0].per_user
+    if column not in first.columns:
+        raise UserInputError(
+            f"{key}: {runs[0].path}/per_user.parquet has no {column} column to choose {name} targets by"
+        )
+    users = first.loc[first[column].astype(bool) == value, "user_id"]
+    if len(users) == 0:
+        raise UserInputError(f"{key}: no user of {runs[0].path} has a {name} target")
+    kept = []
+    for run in runs:
+        frame = run.per_user[run.per_user["user_id"].isin(users)].reset_index(drop=True)
+        kept.append(dataclasses.replace(run, per_user=frame))
+    return kept
 
 
 def per_user_frame(
