@@ -210,17 +210,22 @@ def window_dtype(num_items: int) -> type:
 
 
 def train_batch_device(
-    device_batches: bool | str, device: torch.device, windows: TrainWindows, num_items: int, has_events: bool
+    device_batches: bool | str,
+    device: torch.device,
+    windows: TrainWindows,
+    num_items: int,
+    per_position_features: bool,
 ) -> torch.device | None:
     """The device to keep the training windows on (data.device_batches on a trainer whose root
     device is `device`), or None for the DataLoader."""
     if device_batches is False:
         return None
-    if has_events:
-        # The device matrix holds item ids only; event types and gaps come through the loader.
+    if per_position_features:
+        # The device matrix holds item ids only; event types, gaps and times come through the loader.
         if device_batches is True:
             raise UserInputError(
-                "data.device_batches: not available for event-typed data (data.event_types); use auto or false"
+                "data.device_batches: not available for event-typed data (data.event_types) or with "
+                "data.batch_times; use auto or false"
             )
         return None
     if device_batches is True:

@@ -112,6 +112,7 @@ class SequenceDataModule(EvaluationBatches, pl.LightningDataModule):
         targets: str = "next",
         item_features: dict | None = None,
         cold_items_share: float | None = None,
+        batch_times: bool = False,
     ):
         super().__init__()
         # Not a data key: train.py and evaluate.py pass evaluation.seen_items.
@@ -144,6 +145,11 @@ class SequenceDataModule(EvaluationBatches, pl.LightningDataModule):
         if not isinstance(static_shapes, bool):
             raise UserInputError(f"data.static_shapes: must be true or false, got {static_shapes!r}")
         self.static_shapes = static_shapes
+        if not isinstance(batch_times, bool):
+            raise UserInputError(f"data.batch_times: must be true or false, got {batch_times!r}")
+        # Each position's timestamp in every batch, for a model that reads them (HSTU's
+        # model.time_bias, which this key follows in data/common.yaml).
+        self.batch_times = batch_times
         self.device_batches = device_batches_setting(device_batches)
         _at_least_one("max_len", max_len)
         _at_least_one("val_users", val_users, nullable=True)
@@ -234,6 +240,11 @@ class SequenceDataModule(EvaluationBatches, pl.LightningDataModule):
                 kind,
                 where + " " if where else "",
             )
+        if self.batch_times and not data.has_time:
+            raise UserInputError(
+                f"data.batch_times (model.time_bias): data {self.name} has no event times (a sequence "
+                "file's positions are not times; see data.times_path or data.columns.timestamp)"
+            )
         if data.has_events:
             self._gaps = time_gap_buckets(data.offsets, data.timestamps)
         if self.cold_items_share is not None:
@@ -314,7 +325,7 @@ class SequenceDataModule(EvaluationBatches, pl.LightningDataModule):
         if self._training is not None:  # without the held-out items' events
             part, data, gaps = self._training, self._training.data, self._training.gaps
         windows = training_windows(
-            data, part, self.max_len, self.sliding_window_step, gaps, self.width_multiple
+            data, part, self.max_len, self.sliding_window_step, gaps, self.width_multiple, self.batch_times
         )
         windows.static_rows = self.batch_size if self.static_shapes else None
         return windows
@@ -397,7 +408,11 @@ class SequenceDataModule(EvaluationBatches, pl.LightningDataModule):
             return None
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         return train_batch_device(
-            self.device_batches, device, windows, self.data.num_items, self.data.has_events
+            self.device_batches,
+            device,
+            windows,
+            self.data.num_items,
+            self.data.has_events or self.batch_times,
         )
 
     def _windows_on(self, device: torch.device, windows: TrainWindows) -> tuple[torch.Tensor, np.ndarray]:

@@ -16,7 +16,8 @@ Event types (browse vs buy, data with `data.event_types`): every batch also carr
 each position (`input_events` / `target_events`, `history_events` / `target_event`) and its time-gap
 bucket (`input_gaps` / `target_gaps`, `history_gaps`; see recsys/data/features.py); models that were
 built to read them do, the others ignore them. With `data.target_events`, training batches carry
-`target_mask` (see recsys/data/split.py).
+`target_mask` (see recsys/data/split.py). With `batch_times` (a model that reads timestamps, such
+as HSTU's time bias), batches carry each position's timestamp: `input_times`, `history_times`.
 """
 
 from __future__ import annotations
@@ -104,10 +105,11 @@ class TrainWindows(Dataset):
         gaps: np.ndarray | None = None,
         is_target: np.ndarray | None = None,
         width_multiple: int = 1,
+        times: np.ndarray | None = None,
     ):
         self.items, self.starts, self.ends = items, starts, ends
-        # Per-event arrays aligned with `items` (event-typed data only).
-        self.events, self.gaps, self.is_target = events, gaps, is_target
+        # Per-event arrays aligned with `items` (event-typed data only; times: batch_times).
+        self.events, self.gaps, self.is_target, self.times = events, gaps, is_target, times
         self.width_multiple = width_multiple
         # data.static_shapes: every batch this many rows (data.batch_size), widths in powers of two.
         self.static_rows: int | None = None
@@ -144,6 +146,9 @@ class TrainWindows(Dataset):
                 window = gather_windows(values, starts, ends, width).astype(np.int64)
                 batch[f"input_{name}"] = torch.from_numpy(np.where(targets != 0, window[:, :-1], 0))
                 batch[f"target_{name}"] = torch.from_numpy(np.ascontiguousarray(window[:, 1:]))
+        if self.times is not None:  # an input's time only: the target's time is what comes next
+            window = gather_windows(self.times, starts, ends, width).astype(np.int64)
+            batch["input_times"] = torch.from_numpy(np.where(targets != 0, window[:, :-1], 0))
         if self.is_target is not None:
             # Only positions whose next event is of a target type enter the loss.
             mask = gather_windows(self.is_target, starts, ends, width)[:, 1:].astype(bool)
@@ -160,6 +165,7 @@ class EvalUsers(Dataset):
     those of events of these types, or with `exclude_seen=False` none ((B, 0)). Event-typed data also yields `history_events`, `history_gaps`
     and `target_event` (the type of event being predicted, e.g. a purchase). `hide_target_item`
     leaves the target item's own earlier events out of the history (see data.hide_target_item).
+    With `batch_times`, also `history_times`, the history's timestamps.
     With `windows` (evaluation.targets=window), `target` is (B, T), each user's window targets
     0-padded, `miss` (B, T) marks those counted as misses, and the history ends at the window.
     """
@@ -178,8 +184,10 @@ class EvalUsers(Dataset):
         not_candidates: np.ndarray | None = None,
         misses: np.ndarray | None = None,
         windows: WindowTargets | None = None,
+        batch_times: bool = False,
     ):
         self.data = data
+        self.batch_times = batch_times
         # evaluation.targets=window: several targets per user and a history that ends where the
         # window begins; `target_pos` is then each user's first target event (its type is the
         # `target_event`).
@@ -213,11 +221,13 @@ class EvalUsers(Dataset):
         # target item's own earlier events (then compacted, still right-padded).
         seen = gather_windows(data.items, seen_start, history_end)
         per_event = {"events": data.events, "gaps": self.gaps} if data.has_events else {}
-        if self.hide_target_item and data.has_events:
+        recompute_gaps = self.hide_target_item and data.has_events
+        if recompute_gaps:
             # As if the hidden events never happened: the gaps are recomputed from the kept events'
             # timestamps (a hidden event in between would otherwise show through its neighbour's gap).
-            per_event["times"] = data.timestamps
             del per_event["gaps"]
+        if recompute_gaps or self.batch_times:
+            per_event["times"] = data.timestamps
         seen_features = {k: gather_windows(v, seen_start, history_end) for k, v in per_event.items()}
         if self.hide_target_item:
             keep = (seen != 0) & (seen != target[:, None])
@@ -227,8 +237,8 @@ class EvalUsers(Dataset):
             seen_features = {
                 k: np.where(kept, np.take_along_axis(v, order, axis=1), 0) for k, v in seen_features.items()
             }
-            if "times" in seen_features:
-                seen_features["gaps"] = compacted_gap_buckets(seen_features.pop("times"), kept)
+            if recompute_gaps:
+                seen_features["gaps"] = compacted_gap_buckets(seen_features["times"], kept)
         lengths = (seen != 0).sum(axis=1)
         # The model sees the last max_len of them.
         begin = np.maximum(lengths - self.max_len, 0)
@@ -273,6 +283,8 @@ class EvalUsers(Dataset):
             batch["history_events"] = torch.from_numpy(history_of(seen_features["events"]))
             batch["target_event"] = torch.from_numpy(data.events[target_pos].astype(np.int64))
             batch["history_gaps"] = torch.from_numpy(history_of(seen_features["gaps"]))
+        if self.batch_times:
+            batch["history_times"] = torch.from_numpy(history_of(seen_features["times"]))
         return batch
 
 
@@ -295,6 +307,7 @@ def training_windows(
     sliding_window_step: int | None,
     gaps: np.ndarray | None,
     width_multiple: int,
+    batch_times: bool = False,
 ) -> TrainWindows:
     """Windows of at most max_len + 1 items over each user's training part (`split.train_end`):
     the most recent one, or with `sliding_window_step` also one every `step` items before it."""
@@ -325,6 +338,7 @@ def training_windows(
         gaps=gaps,
         is_target=is_target,
         width_multiple=width_multiple,
+        times=data.timestamps if batch_times else None,
     )
 
 

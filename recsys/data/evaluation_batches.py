@@ -150,6 +150,7 @@ class EvaluationBatches:
             not_candidates=self._not_candidates(),
             misses=None if evaluated.misses is None else evaluated.misses[users],
             windows=windows,
+            batch_times=self.batch_times,
         )
         sampler = LengthBucketBatchSampler(
             np.zeros(len(users)), self.eval_batch_size, shuffle=False, bucketing=False

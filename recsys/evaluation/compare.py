@@ -75,6 +75,8 @@ _LATER_KEYS = {
     ("model", "block"): "transformer",
     ("model", "id_dropout"): 0.0,
     ("data", "static_shapes"): False,
+    ("data", "batch_times"): False,
+    ("model", "time_bias"): False,
 }
 
 

@@ -90,6 +90,12 @@ def check_model_config(cfg: DictConfig) -> None:
             raise UserInputError(
                 f"model.{switch}: the data has no event types; set data.event_types (e.g. data=retailrocket)"
             )
+    # Timestamps reach a network only when the data module puts them in the batches.
+    if cfg.model.get("time_bias") and not data.get("batch_times"):
+        raise UserInputError(
+            "model.time_bias: the batches carry no timestamps; leave data.batch_times to follow "
+            "model.time_bias (data/common.yaml) or set it to true"
+        )
 
 
 def data_info(datamodule) -> DataInfo:

@@ -12,7 +12,8 @@ What the network needs from the data (item count, event types, training item cou
 once, as `DataInfo`, the first argument of its constructor. What it can do is declared, not
 discovered: `trainable` (False for a model with nothing to learn), `scores_by_dot_product` (False
 for a model that overrides `score`), `reads_events` (it reads event types and time gaps, so
-evaluation hands them over and serving refuses it) and `max_len` (the history length it reads).
+evaluation hands them over and serving refuses it), `reads_times` (it reads each position's
+timestamp, likewise) and `max_len` (the history length it reads).
 `check_options` checks its config before any data is read.
 """
 
@@ -65,6 +66,9 @@ class SequenceNetwork(nn.Module):
     # True: scores are user_vectors(history) @ item_vectors().T, ranked a chunk of items at a time
     # (bounded memory at any catalogue size). False: the network overrides `score`.
     scores_by_dot_product: ClassVar[bool] = True
+    # True for a network built to read each position's timestamp (HSTU's model.time_bias): the
+    # batches then carry `input_times` / `history_times` and evaluation hands them over as `times`.
+    reads_times: bool = False
 
     def __init__(self, data: DataInfo, max_len: int):
         super().__init__()
@@ -112,7 +116,7 @@ class SequenceNetwork(nn.Module):
 
 
 class CausalItemNetwork(SequenceNetwork):
-    """A causal network whose forward(input_ids, events, gaps) gives one hidden state per position
+    """A causal network whose forward(input_ids, events, gaps[, times]) gives one hidden state per position
     (SASRec, HSTU): every position with a next item predicts it, the history's last real position
     is the user's vector, and the items are `item_embedding` plus `item_attributes` (either may be
     None). Subclasses set those two and `behaviour` (recsys/models/events.py)."""
@@ -124,7 +128,8 @@ class CausalItemNetwork(SequenceNetwork):
     def training_outputs(
         self, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        hidden = self(batch["input_ids"], batch.get("input_events"), batch.get("input_gaps"))
+        times = {"times": batch["input_times"]} if self.reads_times else {}
+        hidden = self(batch["input_ids"], batch.get("input_events"), batch.get("input_gaps"), **times)
         # Every position with a next item (of a target type) predicts it.
         return hidden, batch["target_ids"], target_positions(batch)
 
@@ -134,9 +139,11 @@ class CausalItemNetwork(SequenceNetwork):
         events: torch.Tensor | None = None,
         gaps: torch.Tensor | None = None,
         target_event: torch.Tensor | None = None,  # a causal model predicts any next event
+        times: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        history, events, gaps = keep_last_positions(history, self.max_len, events, gaps)
-        return last_real_position(self(history, events, gaps), history)
+        history, events, gaps, times = keep_last_positions(history, self.max_len, events, gaps, times)
+        extra = {"times": times} if self.reads_times else {}
+        return last_real_position(self(history, events, gaps, **extra), history)
 
     def item_vectors(self) -> torch.Tensor:
         return item_table(self.item_embedding, self.item_attributes)

@@ -80,9 +80,10 @@ class TopKScorer(nn.Module):
                 f"export: {name} does not score items by dot product of user and item vectors; "
                 "only such models can be exported"
             )
-        if getattr(model, "reads_events", False):
+        if getattr(model, "reads_events", False) or getattr(model, "reads_times", False):
             raise UserInputError(
-                f"export: this {name} reads event types or time gaps (model.event_embedding / model.time_gaps); "
+                f"export: this {name} reads event types, time gaps or timestamps "
+                "(model.event_embedding / model.time_gaps / model.time_bias); "
                 "the exported graph takes item histories only"
             )
         num_items = int(model.num_items)

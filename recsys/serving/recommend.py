@@ -194,11 +194,11 @@ class Recommender:
             item_features=checkpoint_item_features(checkpoint),
         )
         model = build_model(cfg, data, evaluation={})
-        if model.network.reads_events:
+        if model.network.reads_events or model.network.reads_times:
             raise UserInputError(
-                f"ckpt_path: {ckpt_path} is a model that reads event types or time gaps "
-                "(model.event_embedding / model.time_gaps); serving takes item histories only, so it "
-                "cannot serve this model (evaluate.py can evaluate it)"
+                f"ckpt_path: {ckpt_path} is a model that reads event types, time gaps or timestamps "
+                "(model.event_embedding / model.time_gaps / model.time_bias); serving takes item "
+                "histories only, so it cannot serve this model (evaluate.py can evaluate it)"
             )
         model.load_state_dict(checkpoint["state_dict"])
         model.data_config = cfg.data  # where recommend_users' data comes from by default

@@ -117,14 +117,15 @@ class RankingEvaluation:
         return None if s is None else f"sampled_{s['sampler']}_{s['num_negatives']}"
 
     def history_features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The batch's event types and time gaps, for a network that reads them."""
-        if not self.network.reads_events:
-            return {}
-        return {
-            "events": batch["history_events"],
-            "gaps": batch["history_gaps"],
-            "target_event": batch["target_event"],
-        }
+        """The batch's event types, time gaps and timestamps, for a network that reads them."""
+        features = {}
+        if self.network.reads_events:
+            features["events"] = batch["history_events"]
+            features["gaps"] = batch["history_gaps"]
+            features["target_event"] = batch["target_event"]
+        if self.network.reads_times:
+            features["times"] = batch["history_times"]
+        return features
 
     def _rank(
         self, batch: dict[str, torch.Tensor], k: int | None

@@ -207,61 +207,73 @@ CAUSAL_MODELS = {
     "hstu_events": lambda: HSTU(
         DataInfo(30, num_event_types=3), max_len=8, dim=16, event_embedding=True, time_gaps=True
     ),
+    "hstu_time_bias": lambda: _with_random_time_bias(HSTU(DataInfo(30), max_len=8, dim=16, time_bias=True)),
 }
 
 
+def _with_random_time_bias(model: HSTU) -> HSTU:
+    """The time bias starts at zero, where it could not show a look ahead: make it matter."""
+    with torch.no_grad():
+        for block in model.blocks:
+            block.time_bias.normal_()
+    return model
+
+
 def random_history(generator, batch, width):
-    """Right-padded random items (B, width) with lengths 1..width, and matching event types and
-    gap buckets (0 at padding)."""
+    """Right-padded random items (B, width) with lengths 1..width, and matching event types, gap
+    buckets and non-decreasing timestamps (0 at padding)."""
     lengths = torch.randint(1, width + 1, (batch,), generator=generator)
     real = torch.arange(width)[None, :] < lengths[:, None]
     items = torch.randint(1, 31, (batch, width), generator=generator) * real
     events = torch.randint(1, 4, (batch, width), generator=generator) * real
     gaps = torch.randint(1, NUM_GAP_BUCKETS, (batch, width), generator=generator) * real
-    return items, events, gaps, lengths
+    times = torch.randint(0, 10**6, (batch, width), generator=generator).cumsum(dim=1) * real
+    return items, {"events": events, "gaps": gaps, "times": times}, lengths
+
+
+def position_inputs(model, features: dict) -> dict:
+    """The per-position inputs `model` reads, of those `random_history` made."""
+    keys = (("events", "gaps") if model.reads_events else ()) + (("times",) if model.reads_times else ())
+    return {key: features[key] for key in keys}
 
 
 @pytest.mark.parametrize("name", list(CAUSAL_MODELS))
 def test_no_causal_model_looks_ahead_or_reads_padding(name):
-    """Changing the items (and event inputs) after position t never changes the output at t, and
-    extra right padding never changes a real position's output; over random shapes."""
+    """Changing the items (and event inputs and timestamps) after position t never changes the
+    output at t, and extra right padding never changes a real position's output; over random shapes."""
     torch.manual_seed(0)
     model = CAUSAL_MODELS[name]().eval()
-    reads_events = model.reads_events
     generator = torch.Generator().manual_seed(1)
     for _ in range(20):
         batch, width = (
             int(torch.randint(1, 5, (1,), generator=generator)),
             int(torch.randint(2, 9, (1,), generator=generator)),
         )
-        items, events, gaps, lengths = random_history(generator, batch, width)
-        inputs = (events, gaps) if reads_events else ()
+        items, features, lengths = random_history(generator, batch, width)
+        inputs = position_inputs(model, features)
         t = int(torch.randint(0, width - 1, (1,), generator=generator))
         later = torch.arange(width)[None, :] > t
         real = items != 0
         changed = torch.where(later & real, torch.randint(1, 31, items.shape, generator=generator), items)
-        changed_inputs = tuple(
-            torch.where(later & real, torch.randint(1, 4, x.shape, generator=generator), x) for x in inputs
-        )
+        _, other, _ = random_history(generator, batch, width)
+        other["times"] = features["times"] + other["times"]  # later events later still
+        changed_inputs = {key: torch.where(later & real, other[key], x) for key, x in inputs.items()}
         with torch.no_grad():
-            before = model(items, *inputs)
-            after = model(changed, *changed_inputs)
+            before = model(items, **inputs)
+            after = model(changed, **changed_inputs)
             torch.testing.assert_close(before[:, : t + 1], after[:, : t + 1])
             padded = (
-                model(*(torch.nn.functional.pad(x, (0, 3)) for x in (items, *inputs)))
+                model(
+                    torch.nn.functional.pad(items, (0, 3)),
+                    **{key: torch.nn.functional.pad(x, (0, 3)) for key, x in inputs.items()},
+                )
                 if width + 3 <= 8
                 else None
             )
         if padded is not None:
             torch.testing.assert_close(padded[:, :width][real], before[real])
-    scores = model.score(
-        right_padded([[1, 2, 3]], 3),
-        **(
-            {"events": torch.ones(1, 3, dtype=torch.long), "gaps": torch.ones(1, 3, dtype=torch.long)}
-            if reads_events
-            else {}
-        ),
-    )
+    history = right_padded([[1, 2, 3]], 3)
+    scores = model.score(history, **position_inputs(model, random_history(generator, 1, 3)[1]))
     assert scores.shape == (1, 31)
 
 
@@ -271,7 +283,7 @@ def test_bert4rec_never_reads_padding():
     model = BERT4Rec(DataInfo(30), max_len=8, dim=16).eval()
     generator = torch.Generator().manual_seed(2)
     for _ in range(20):
-        items, _, _, _ = random_history(generator, 3, 5)
+        items, _, _ = random_history(generator, 3, 5)
         real = items != 0
         with torch.no_grad():
             before = model(items)

@@ -127,6 +127,27 @@ def test_the_padded_step_gives_the_loss_and_gradients_of_the_gathered_one(
             torch.testing.assert_close(masked_gradients[key], gradient, rtol=1e-5, atol=1e-7, msg=key)
 
 
+def test_hstu_time_bias_gives_the_same_padded_step():
+    """The timestamps (input_times) are padded with the items: the time bias reads them alike."""
+    generator = torch.Generator().manual_seed(3)
+    torch.manual_seed(0)
+    network = HSTU(DataInfo(NUM_ITEMS), max_len=12, dim=16, dropout=0.0, time_bias=True)
+    with torch.no_grad():
+        for block in network.blocks:
+            block.time_bias.normal_()
+    model = SequentialRecommender(network, loss=FullCrossEntropy(chunk_size=None))
+    batch = random_batch(generator, 4, 6)
+    gaps = torch.randint(0, 10**5, batch["input_ids"].shape, generator=generator)
+    batch["input_times"] = gaps.cumsum(dim=1) * (batch["input_ids"] != 0)
+    gathered, gathered_gradients = loss_and_gradients(model, batch, static=False)
+    model._targets_seen, model._batches_seen = 0, 0
+    masked, masked_gradients = loss_and_gradients(model, padded(batch, 3, 4), static=True)
+    torch.testing.assert_close(masked, gathered, rtol=2e-5, atol=2e-5)
+    assert gathered_gradients["network.blocks.0.time_bias"].abs().sum() > 0
+    for key, gradient in gathered_gradients.items():
+        torch.testing.assert_close(masked_gradients[key], gradient, rtol=1e-5, atol=1e-7, msg=key)
+
+
 def test_the_static_batch_weights_follow_the_running_mean_of_targets():
     model = SequentialRecommender(
         SASRec(DataInfo(NUM_ITEMS), max_len=8, dim=8, dropout=0.0), FullCrossEntropy()
