@@ -24,7 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from recsys.errors import UserInputError
 from recsys.runs.files import atomic_path, run_with_user_errors
-from recsys.serving.recommend import HISTORY_SPLITS, Recommender, check_same_data, read_sessions
+from recsys.serving.recommend import HISTORY_SPLITS, Recommender, check_same_data
+from recsys.serving.sessions import read_sessions
 
 OmegaConf.register_new_resolver("project_root", lambda: str(Path(__file__).resolve().parent), replace=True)
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from recsys.errors import UserInputError
-from recsys.serving.recommend import Recommender, read_sessions
+from recsys.serving.recommend import Recommender
+from recsys.serving.sessions import read_sessions
 from tests.checks import Untouched, assert_user_error
 from tests.test_entrypoints import common, run, train_overrides
 
