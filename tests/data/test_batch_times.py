@@ -8,24 +8,18 @@ import pytest
 from recsys.data import SequenceDataModule
 from recsys.errors import UserInputError
 from recsys.models.from_config import check_model_config
+from tests.data.test_time_split import datamodule as log_datamodule
 
 # Each event's time is 1000 * user + 10 * item, so a batch's times say which (user, item) they belong to.
 ROWS = [(user, item, 1000 * user + 10 * item) for user in range(1, 7) for item in range(1, 4 + user)]
 
 
 def datamodule(tmp_path, rows=ROWS, **keys) -> SequenceDataModule:
+    """ROWS as a CSV log, read with timestamps in the batches (leave-one-out unless `keys` say)."""
     path = tmp_path / "log.csv"
     pd.DataFrame(rows, columns=["user", "item", "ts"]).to_csv(path, index=False)
-    options = dict(batch_size=4, eval_batch_size=4, max_len=4, batch_times=True)
-    options.update(keys)
-    return SequenceDataModule(
-        name="log",
-        path=str(path),
-        format="interactions",
-        columns={"user": "user", "item": "item", "timestamp": "ts"},
-        cache_dir=None,
-        **options,
-    )
+    options = dict(split="leave_one_out", test_window=None, batch_size=4, eval_batch_size=4, max_len=4)
+    return log_datamodule(path, **{**options, "batch_times": True, **keys})
 
 
 def time_of(dm: SequenceDataModule, user_index: int, item_index: np.ndarray) -> np.ndarray:
