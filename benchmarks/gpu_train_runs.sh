@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # Full training runs too slow for a CPU (the ML-1M rows of RESULTS.md, issue 30's HSTU and eSASRec-style
-# runs on ML-1M), and a check
-# of the fused loss over a whole run, on a lent GPU.
+# runs on ML-1M), and a check of the fused loss over a whole run, on a lent GPU.
 #
 #   OUT=/some/dir SECONDS_LEFT=300 bash benchmarks/gpu_train_runs.sh
 #   TRAINER=default SECONDS_LEFT=120 OUT=/tmp/t PY=.venv/bin/python \
