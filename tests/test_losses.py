@@ -183,7 +183,8 @@ def test_mixed_negatives_match_a_plain_computation(logq):
     terms = []
     for row in range(len(targets)):
         target = int(targets[row])
-        in_batch = [hidden[row] @ table[c] - (q[c].log() if logq else 0) for c in candidates]
+        # In-batch candidates less the log of their expected count among the batch's 15 targets.
+        in_batch = [hidden[row] @ table[c] - ((15 * q[c]).log() if logq else 0) for c in candidates]
         # A uniform draw equal to the token's positive is left out; the others count, repeats too.
         uniform = [hidden[row] @ table[d] - (math.log(4 / 6) if logq else 0) for d in drawn if d != target]
         logits = torch.stack(in_batch + uniform)

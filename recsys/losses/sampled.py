@@ -172,16 +172,20 @@ class SampledSoftmax(nn.Module):
     loss overrates a positive against N items rather than the whole catalogue.
 
     sampler `in_batch`: the candidates are the distinct targets of the batch (each token's positive
-    is among them exactly once). They were drawn in proportion to popularity, so with
-    `logq_correction` every candidate's logit gets - log q(item) (Yi et al., RecSys 2019).
-    `num_negatives` is then unused.
+    is among them exactly once). The batch's T targets were drawn in proportion to popularity, so
+    with `logq_correction` every candidate's logit gets - log(T q(item)), its expected count among
+    them (Yi et al., RecSys 2019). `num_negatives` is then unused.
 
     sampler `mixed` (mixed negative sampling, Yang et al., WWW 2020; eSASRec's loss): the batch's
     distinct targets as above plus `num_negatives` items drawn uniformly, shared by every token of
     the batch. In-batch candidates are rare in the tail, uniform ones reach it. Each part gets its
-    own correction: - log q(item) for the in-batch candidates (popularity), - log(N / num_items)
-    for the uniform ones. A uniform draw equal to a token's own positive is left out of that
-    token's softmax (the positive is already there, once, among the in-batch candidates).
+    own correction, each the log of an expected count: - log(T q(item)) for the in-batch candidates,
+    - log(N / num_items) for the uniform ones. The counts put the two parts on one scale; alone,
+    in-batch candidates could drop the factor T (a shift of every logit, which changes no
+    softmax), but beside uniform draws it is what weighs the parts: without it the uniform part
+    counts T times (about a thousand on Beauty) too little and `mixed` is in-batch alone. A uniform
+    draw equal to a token's own positive is left out of that token's softmax (the positive is
+    already there, once, among the in-batch candidates).
     """
 
     uses_item_counts = True  # recsys/models/from_config.py passes the training counts
@@ -215,7 +219,7 @@ class SampledSoftmax(nn.Module):
         if self.in_batch:
             if mask is None:
                 candidates, positive_column = torch.unique(targets, return_inverse=True)
-                logits = self._in_batch_logits(hidden, candidates, item_embeddings)
+                logits = self._in_batch_logits(hidden, candidates, item_embeddings, targets.numel())
             else:
                 logits, positive_column = self._static_in_batch_logits(hidden, targets, item_embeddings, mask)
             if self.mixed:
@@ -231,14 +235,19 @@ class SampledSoftmax(nn.Module):
         return _cross_entropy(logits, torch.zeros_like(targets), mask)
 
     def _in_batch_logits(
-        self, hidden: torch.Tensor, candidates: torch.Tensor, item_embeddings: torch.Tensor
+        self,
+        hidden: torch.Tensor,
+        candidates: torch.Tensor,
+        item_embeddings: torch.Tensor,
+        num_targets: int | torch.Tensor,
     ) -> torch.Tensor:
-        """(T, C) logits of the candidate items, each less log q(item) with logq_correction."""
+        """(T, C) logits of the candidate items, each less log(num_targets q(item)) with
+        logq_correction (num_targets: the batch's target count, a tensor in the static step)."""
         with float32_logits(hidden):
             logits = hidden.float() @ item_embeddings[candidates].float().T
         if self.logq_correction:
             q = self.sampler.probabilities(item_embeddings.size(0) - 1, hidden.device)
-            logits = logits - q[candidates].log()
+            logits = logits - (num_targets * q[candidates]).log()
         return logits
 
     def _static_in_batch_logits(
@@ -253,7 +262,7 @@ class SampledSoftmax(nn.Module):
         first = ((targets[:, None] == targets[None, :]) & mask[None, :]).int().argmax(dim=1)
         candidate = mask & (first == positions)
         # A position without a target (item 0, probability 0) scores item 1 instead: it is no candidate.
-        logits = self._in_batch_logits(hidden, targets.clamp(min=1), item_embeddings)
+        logits = self._in_batch_logits(hidden, targets.clamp(min=1), item_embeddings, mask.sum())
         # Positions without a target keep every column, so that their (unused) loss stays finite.
         logits = logits.masked_fill(~candidate[None, :] & mask[:, None], -torch.inf)
         return logits, first
