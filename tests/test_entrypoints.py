@@ -196,6 +196,8 @@ PRESETS = [
     "bert4rec_ml1m",
     "gru4rec",
     "popular",
+    "hstu",
+    "esasrec",
 ]
 
 
@@ -210,11 +212,14 @@ BROWSE_BUY_PRESETS = [
 
 # Presets for data with item attributes (tests/models/test_item_attributes.py runs them).
 ATTRIBUTE_PRESETS = ["attribute_knn"]
+# The network and loss of a preset trained above with sasrec_ce_ml1m's data settings, which that
+# preset's run exercises; tests/test_configs.py composes them and builds their models.
+ML1M_VARIANTS = ["hstu_ml1m", "esasrec_ml1m"]
 
 
 def test_every_preset_is_tested():
     shipped = {p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml")}
-    assert shipped == set(PRESETS) | set(BROWSE_BUY_PRESETS) | set(ATTRIBUTE_PRESETS)
+    assert shipped == set(PRESETS) | set(BROWSE_BUY_PRESETS) | set(ATTRIBUTE_PRESETS) | set(ML1M_VARIANTS)
 
 
 def train_tiny(tmp_path, run_dir, *overrides, epochs: int = 1) -> tuple[dict, list[float]]:
@@ -251,6 +256,8 @@ BEAT_POPULARITY_IN_TWO_EPOCHS = {
     "sasrec_original",
     "sasrec_sampled",
     "gsasrec",
+    "hstu",
+    "esasrec",
 }
 # BERT4Rec's cloze training and GRU4Rec at their presets' learning rates need many more epochs on
 # these data to rank well; in six their training loss falls by 0.9-2.7% (by at most 0.3% either
