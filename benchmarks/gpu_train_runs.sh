@@ -105,12 +105,14 @@ pids="$pids $!"
 # Issue 30 on ML-1M (target: test NDCG@10 0.190; sasrec_ce_ml1m 0.1791 on the CPU): the presets with
 # sasrec_ce_ml1m's data and schedule, so that only the network or the loss differs: HSTU (ML-1M's
 # shipped file has no timestamps, so no time bias), SASRec with LiGR layers, and eSASRec (LiGR with
-# sampled softmax over in-batch plus 256 uniform negatives, logQ-corrected).
+# sampled softmax over 256 uniform negatives, logQ-corrected; esasrec_mixed: in-batch plus uniform).
 run ml1m_hstu experiment=hstu_ml1m &
 pids="$pids $!"
 run ml1m_sasrec_ligr experiment=sasrec_ce_ml1m model.block=ligr &
 pids="$pids $!"
 run ml1m_esasrec experiment=esasrec_ml1m &
+pids="$pids $!"
+run ml1m_esasrec_mixed experiment=esasrec_ml1m loss.sampler=mixed &
 pids="$pids $!"
 # The runs by id: a bare `wait` would also wait for the `tee` above, which never ends.
 # shellcheck disable=SC2086
