@@ -160,11 +160,13 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
 
 
 def compare(cfg: DictConfig, out_dir: Path) -> dict:
-    runs = restrict_to_slice([load_run(path) for path in cfg.compare], cfg.get("compare_slice"))
+    slice_name = cfg.get("compare_slice")
+    runs = [load_run(path) for path in cfg.compare]
+    runs = restrict_to_slice(runs, slice_name, same_users=not cfg.average_seeds)
     metrics = list(cfg.compare_metrics)
     seeds = seed_summary(runs, metrics, cfg.confidence)
     if cfg.average_seeds:  # compare variants: each user's metrics averaged over a variant's seeds
-        runs = average_over_seeds(runs)
+        runs = average_over_seeds(runs, partial_users=slice_name is not None)
     table = compare_runs(runs, metrics, cfg.confidence, cfg.bootstrap_samples, cfg.seed)
     markdown = comparison_markdown(table, seeds, cfg.confidence)
     if cfg.get("compare_slice"):

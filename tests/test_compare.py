@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -239,3 +240,43 @@ def test_compare_slice_keeps_the_users_of_one_kind_of_target(tmp_path):
         UserInputError, match=r"^compare_slice: .*per_user.parquet has no repeat_target column"
     ):
         restrict_to_slice(runs, "repeat")
+
+
+def test_a_slice_whose_users_differ_by_seed_is_averaged_over_the_seeds_each_user_is_in(tmp_path):
+    from recsys.evaluation.results import restrict_to_slice
+
+    # Two variants, two seeds; each seed holds out its own items, so a user's target is cold in
+    # seed 0 when user % 4 == 0 and in seed 1 when user % 4 == 1 (the same for both variants).
+    rng = np.random.default_rng(1)
+    users = np.arange(100, 140)
+    ranks = {(dim, seed): rng.integers(1, 25, 40) for dim in (64, 32) for seed in (0, 1)}
+    runs = []
+    for (dim, seed), rank in ranks.items():
+        path = write_run(tmp_path / f"d{dim}_s{seed}", rank, config=f"seed: {seed}\nmodel:\n  dim: {dim}\n")
+        frame = pd.read_parquet(path / "per_user.parquet")
+        frame["cold_target"] = (frame["user_id"] - 100) % 4 == seed
+        frame.to_parquet(path / "per_user.parquet")
+        runs.append(load_run(path))
+    with pytest.raises(UserInputError, match=r"^compare_slice: .*d64_s1 and .*d64_s0 have warm targets for "):
+        restrict_to_slice(runs, "warm")
+    warm = restrict_to_slice(runs, "warm", same_users=False)
+    assert [len(r.per_user) for r in warm] == [30] * 4
+    variants = average_over_seeds(warm, partial_users=True)
+    assert list(variants[0].per_user["user_id"]) == list(users)  # every user is warm in some seed
+
+    def averaged(dim):  # each user's NDCG@10 over the seeds where its target is warm
+        ndcg = {s: 1 / np.log2(ranks[dim, s] + 1) * (ranks[dim, s] <= 10) for s in (0, 1)}
+        warm_in = {s: (users - 100) % 4 != s for s in (0, 1)}
+        total = sum(np.where(warm_in[s], ndcg[s], 0.0) for s in (0, 1))
+        return total / (warm_in[0].astype(int) + warm_in[1])
+
+    for variant, dim in zip(variants, (64, 32)):
+        assert variant.per_user["ndcg@10"].to_numpy() == pytest.approx(averaged(dim))
+    table = compare_runs(variants, ["ndcg@10"], bootstrap_samples=200)
+    assert table.iloc[1]["diff"] == pytest.approx((averaged(32) - averaged(64)).mean())
+    # A user whose target differs between seeds cannot be averaged (user 102 is warm in both).
+    frame = warm[1].per_user.copy()
+    frame.loc[frame["user_id"] == 102, "target_item_id"] = -1
+    warm[1] = dataclasses.replace(warm[1], per_user=frame)
+    with pytest.raises(UserInputError, match=r"^compare: user 102 has other targets in some of the runs"):
+        average_over_seeds(warm, partial_users=True)

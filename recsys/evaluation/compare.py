@@ -341,25 +341,52 @@ def _group_name(members: Sequence[RunResults]) -> str:
     return f"{name} ({len(members)} seeds)"
 
 
-def average_over_seeds(runs: Sequence[RunResults]) -> list[RunResults]:
+def average_over_seeds(runs: Sequence[RunResults], partial_users: bool = False) -> list[RunResults]:
     """One RunResults per group of runs whose configs differ only in their seeds, in the order the
     groups first appear: each user's metrics (and rank) averaged over the group's seeds.
 
     Comparing these averages user by user is the paired test across seeds: the seed-to-seed noise
-    of each variant is averaged out before the variants are compared on the same users."""
+    of each variant is averaged out before the variants are compared on the same users.
+    `partial_users` (runs restricted to a slice whose users differ by seed, e.g. warm targets when
+    each seed holds out its own items): a user's metrics are averaged over the seeds that have the
+    user, so two variants run with the same seeds are averaged over the same seeds for every user."""
     averaged = []
     for members in seed_groups(runs):
-        check_paired(members)
         frames = [m.per_user for m in members]
         keys = ["user_id", target_column(frames[0])]
         numeric = [c for c in frames[0].columns if c not in keys]
         numeric = [
             c for c in numeric if all(c in f.columns for f in frames) and frames[0][c].dtype.kind in "iuf"
         ]
-        mean = sum(f[numeric].astype(np.float64) for f in frames) / len(frames)
-        per_user = pd.concat([frames[0][keys], mean], axis=1)
+        if partial_users:
+            per_user = _mean_over_present_users(members, keys, numeric)
+        else:
+            check_paired(members)
+            mean = sum(f[numeric].astype(np.float64) for f in frames) / len(frames)
+            per_user = pd.concat([frames[0][keys], mean], axis=1)
         averaged.append(RunResults(_group_name(members), members[0].path, per_user, members[0].config_key))
     return averaged
+
+
+def _mean_over_present_users(
+    members: Sequence[RunResults], keys: list[str], numeric: list[str]
+) -> pd.DataFrame:
+    """Each user's metrics averaged over the members that hold the user, users in id order; a user's
+    target(s) must be the same in every member that holds the user."""
+    stacked = pd.concat(
+        [m.per_user[["user_id", *numeric]].astype({c: np.float64 for c in numeric}) for m in members]
+    )
+    mean = stacked.groupby("user_id", sort=True)[numeric].mean()
+    targets = pd.concat([m.per_user[keys].assign(key=_targets_key(m.per_user)) for m in members])
+    distinct = targets.drop_duplicates(["user_id", "key"])
+    if distinct["user_id"].duplicated().any():
+        user = distinct.loc[distinct["user_id"].duplicated(), "user_id"].iloc[0]
+        raise UserInputError(
+            f"compare: user {user} has other targets in some of the runs of {members[0].path}'s "
+            "seeds; averaging over seeds needs the same targets"
+        )
+    first = distinct.drop(columns="key").set_index("user_id").loc[mean.index]
+    return pd.concat([first.reset_index(), mean.reset_index(drop=True)], axis=1)
 
 
 def seed_summary(

@@ -48,27 +48,33 @@ SLICES = {
 
 
 def restrict_to_slice(
-    runs: Sequence[RunResults], name: str | None, key: str = "compare_slice"
+    runs: Sequence[RunResults], name: str | None, key: str = "compare_slice", same_users: bool = True
 ) -> list[RunResults]:
     """The runs with only the users of slice `name` (warm or cold targets: evaluation.cold_items_share
-    or a time split's new items; new or repeat targets), chosen by the first run's per-user flags
-    (the runs must hold the same users; compare checks it); None: every user."""
+    or a time split's new items; new or repeat targets), each run by its own per-user flags; None:
+    every user. `same_users`: the runs must agree on who is in the slice (a paired comparison of
+    the runs themselves); runs of other seeds may disagree (items held out with their own seed),
+    which `average_over_seeds(..., partial_users=True)` then averages over the seeds each user is
+    in the slice in."""
     if name is None:
         return list(runs)
     if name not in SLICES:
         raise UserInputError(f"{key}: {name!r} is not one of {list(SLICES)}")
     column, value = SLICES[name]
-    first = runs[0].per_user
-    if column not in first.columns:
-        raise UserInputError(
-            f"{key}: {runs[0].path}/per_user.parquet has no {column} column to choose {name} targets by"
-        )
-    users = first.loc[first[column].astype(bool) == value, "user_id"]
-    if len(users) == 0:
-        raise UserInputError(f"{key}: no user of {runs[0].path} has a {name} target")
     kept = []
     for run in runs:
-        frame = run.per_user[run.per_user["user_id"].isin(users)].reset_index(drop=True)
+        if column not in run.per_user.columns:
+            raise UserInputError(
+                f"{key}: {run.path}/per_user.parquet has no {column} column to choose {name} targets by"
+            )
+        frame = run.per_user[run.per_user[column].astype(bool) == value].reset_index(drop=True)
+        if len(frame) == 0:
+            raise UserInputError(f"{key}: no user of {run.path} has a {name} target")
+        if same_users and kept and not frame["user_id"].equals(kept[0].per_user["user_id"]):
+            raise UserInputError(
+                f"{key}: {run.path} and {kept[0].path} have {name} targets for different users "
+                "(items held out with other seeds?); compare one seed's runs, or set average_seeds=true"
+            )
         kept.append(dataclasses.replace(run, per_user=frame))
     return kept
 
