@@ -338,7 +338,7 @@ def _group_name(members: Sequence[RunResults]) -> str:
         if isinstance(listed, list):
             kept = [str(o) for o in listed if not str(o).lstrip("+~").startswith(_NOT_IN_NAMES)]
             name = " ".join(kept) or name
-    return f"{name} ({len(members)} seeds)"
+    return f"{name} ({len(members)} seed{'s' if len(members) > 1 else ''})"
 
 
 def average_over_seeds(runs: Sequence[RunResults], partial_users: bool = False) -> list[RunResults]:
