@@ -169,10 +169,8 @@ def compare(cfg: DictConfig, out_dir: Path) -> dict:
         runs = average_over_seeds(runs, partial_users=slice_name is not None)
     table = compare_runs(runs, metrics, cfg.confidence, cfg.bootstrap_samples, cfg.seed)
     markdown = comparison_markdown(table, seeds, cfg.confidence)
-    if cfg.get("compare_slice"):
-        markdown = (
-            f"Users with {cfg.compare_slice} targets only (compare_slice={cfg.compare_slice}).\n\n{markdown}"
-        )
+    if slice_name:
+        markdown = f"Users with {slice_name} targets only (compare_slice={slice_name}).\n\n{markdown}"
     with atomic_path(out_dir / "comparison.csv") as tmp:
         table.to_csv(tmp, index=False)
     if len(seeds):

@@ -358,12 +358,9 @@ def average_over_seeds(runs: Sequence[RunResults], partial_users: bool = False) 
         numeric = [
             c for c in numeric if all(c in f.columns for f in frames) and frames[0][c].dtype.kind in "iuf"
         ]
-        if partial_users:
-            per_user = _mean_over_present_users(members, keys, numeric)
-        else:
+        if not partial_users:
             check_paired(members)
-            mean = sum(f[numeric].astype(np.float64) for f in frames) / len(frames)
-            per_user = pd.concat([frames[0][keys], mean], axis=1)
+        per_user = _mean_over_present_users(members, keys, numeric)
         averaged.append(RunResults(_group_name(members), members[0].path, per_user, members[0].config_key))
     return averaged
 
