@@ -35,13 +35,11 @@ from omegaconf import DictConfig, OmegaConf
 from recsys.data.split import SPLITS
 from recsys.errors import UserInputError
 from recsys.evaluation.compare import (
-    average_over_seeds,
     check_paired,
     compare_runs,
     comparison_markdown,
     load_run,
     paired_t_pvalue,
-    seed_summary,
     target_column,
 )
 from recsys.evaluation.debiased import check_gamma, debiased_metrics
@@ -57,6 +55,7 @@ from recsys.evaluation.interleaving import (
 from recsys.evaluation.metrics import check_seen_items
 from recsys.evaluation.planning import ab_plan, plan_markdown
 from recsys.evaluation.results import restrict_to_slice, write_test_results
+from recsys.evaluation.seeds import average_over_seeds, seed_summary
 from recsys.evaluation.tables import format_table, results_table, to_markdown, write_tables
 from recsys.models.from_config import build_model, data_info
 from recsys.runs.files import atomic_path, run_with_user_errors, write_json_atomic

@@ -9,7 +9,6 @@ from scipy import stats
 
 from recsys.errors import UserInputError
 from recsys.evaluation.compare import (
-    average_over_seeds,
     compare_runs,
     comparison_markdown,
     holm,
@@ -17,10 +16,10 @@ from recsys.evaluation.compare import (
     mean_interval,
     paired_bootstrap_interval,
     paired_t_pvalue,
-    seed_summary,
     wilcoxon_pvalue,
 )
 from recsys.evaluation.metrics import metrics_from_ranks
+from recsys.evaluation.seeds import average_over_seeds, seed_summary
 from recsys.evaluation.tables import results_table, to_latex, to_markdown
 
 

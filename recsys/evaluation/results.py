@@ -54,7 +54,7 @@ def restrict_to_slice(
     or a time split's new items; new or repeat targets), each run by its own per-user flags; None:
     every user. `same_users`: the runs must agree on who is in the slice (a paired comparison of
     the runs themselves); runs of other seeds may disagree (items held out with their own seed),
-    which `average_over_seeds(..., partial_users=True)` then averages over the seeds each user is
+    which `seeds.average_over_seeds(..., partial_users=True)` then averages over the seeds each user is
     in the slice in."""
     if name is None:
         return list(runs)
