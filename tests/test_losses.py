@@ -14,6 +14,7 @@ from recsys.losses import (
     check_catalogue,
     uniform_negatives,
 )
+from recsys.losses.sampled import _logits_from_every_score, _logits_from_gathered_vectors
 
 
 @pytest.mark.parametrize("tokens,chunk", [(1, 4), (37, 8), (64, 64), (100, 1000)])
@@ -128,23 +129,48 @@ def test_bce_and_gbce_match_a_plain_computation(num_negatives, t):
     assert_same_value_and_grads(loss_fn(hidden, targets, table), reference, (hidden, table))
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_both_routes_to_sampled_logits_agree_over_random_shapes(seed):
+    """Scoring every item and gathering the negatives' vectors: the same logits and gradients
+    (with padding targets and repeated negatives), whichever route the catalogue's size picks."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens, items, dim, num_negatives = (
+        int(torch.randint(lo, hi, (1,), generator=generator))
+        for lo, hi in ((1, 40), (2, 300), (1, 33), (1, 20))
+    )
+    hidden = torch.randn(tokens, dim, generator=generator, requires_grad=True)
+    table = torch.randn(items + 1, dim, generator=generator, requires_grad=True)
+    targets = torch.randint(0, items + 1, (tokens,), generator=generator)
+    negatives = torch.randint(1, items + 1, (tokens, num_negatives), generator=generator)
+    weights = torch.randn(tokens, num_negatives + 1, generator=generator)
+    results = []
+    for route in (_logits_from_every_score, _logits_from_gathered_vectors):
+        positive, negative = route(hidden, targets, table, negatives)
+        value = (torch.cat([positive[:, None], negative], 1) * weights).sum()
+        results.append((value, *torch.autograd.grad(value, (hidden, table))))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_gbce_beta_is_one_at_t_zero_and_alpha_at_t_one():
     assert GeneralisedBinaryCrossEntropy(4, t=0.0).positive_weight(21) == pytest.approx(1.0)
     assert GeneralisedBinaryCrossEntropy(4, t=1.0).positive_weight(21) == pytest.approx(0.2)
 
 
+# 20 items: the loss scores every item (21 rows <= 5 negatives x dim 8); 60: it gathers the negatives.
+@pytest.mark.parametrize("items", [20, 60])
 @pytest.mark.parametrize("logq", [False, True])
 @pytest.mark.parametrize("distribution", ["uniform", "popularity"])
-def test_sampled_softmax_matches_a_plain_computation(distribution, logq):
-    hidden, table, targets = small_problem()
-    counts = torch.arange(21) * 3
+def test_sampled_softmax_matches_a_plain_computation(distribution, logq, items):
+    hidden, table, targets = small_problem(items=items)
+    counts = torch.arange(items + 1) * 3
     loss_fn = SampledSoftmax(5, sampler=distribution, logq_correction=logq, seed=3, item_counts=counts)
-    negatives = reference_negatives(3, targets, 20, 5, distribution, counts)
+    negatives = reference_negatives(3, targets, items, 5, distribution, counts)
     pos = (hidden * table[targets]).sum(-1)
     neg = (hidden[:, None, :] * table[negatives]).sum(-1)
     if logq:
         if distribution == "uniform":
-            q = torch.full(negatives.shape, 1 / 20)
+            q = torch.full(negatives.shape, 1 / items)
         else:
             q = (counts[negatives] + 1.0) / (counts[1:] + 1.0).sum()
         neg = neg - (5 * q).log()
