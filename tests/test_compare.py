@@ -215,6 +215,27 @@ def test_seed_groups_give_keys_added_later_the_value_older_runs_had(tmp_path):
     assert keys["before"] == keys["after"] != keys["changed"]
 
 
+def test_seed_groups_name_data_by_fingerprint_not_by_where_its_files_were(tmp_path):
+    from recsys.evaluation.compare import _config_key
+
+    runs = {  # the same data read in two checkouts, then other data, then no fingerprint recorded
+        "here": ("/work/a/data/x.txt", "../shared/x_attributes.json", "f1"),
+        "there": ("/cluster/b/data/x.txt", "/cluster/shared/x_attributes.json", "f1"),
+        "other": ("/work/a/data/x.txt", "../shared/x_attributes.json", "f2"),
+        "unrecorded": ("/work/a/data/x.txt", "../shared/x_attributes.json", None),
+    }
+    keys = {}
+    for name, (path, features, fingerprint) in runs.items():
+        (tmp_path / name).mkdir()
+        text = f"seed: 1\nmodel: {{dim: 64}}\ndata: {{name: x, path: {path}, item_features: {features}}}\n"
+        (tmp_path / name / "config.yaml").write_text(text)
+        if fingerprint:
+            (tmp_path / name / "metrics.json").write_text(json.dumps({"data_fingerprint": fingerprint}))
+        keys[name] = _config_key(tmp_path / name)
+    assert keys["here"] == keys["there"]
+    assert len({keys["here"], keys["other"], keys["unrecorded"]}) == 3
+
+
 def test_compare_slice_keeps_the_users_of_one_kind_of_target(tmp_path):
     from recsys.evaluation.results import restrict_to_slice
 

@@ -89,15 +89,22 @@ def _with_later_keys(config: dict) -> dict:
     return config
 
 
+# The data group's file keys: where its files were read from, which differs between checkouts and
+# clusters. Where the run recorded the data's fingerprint (the files' bytes and every setting that
+# changes the data), the fingerprint stands in for them.
+_DATA_FILE_KEYS = ("path", "test_path", "times_path", "item_features")
+
+
 def _config_key(run_dir: Path) -> str | None:
-    """The run's resolved config with every seed and path removed, as a canonical string."""
+    """The run's resolved config with every seed and path removed, as a canonical string; the data
+    files named by the data's fingerprint where the run's metrics.json has one."""
     config = run_dir / "config.yaml"
+    metrics = run_dir / "metrics.json"
+    recorded = json.loads(metrics.read_text()) if metrics.is_file() else {}
     if not config.is_file():
-        metrics = run_dir / "metrics.json"  # an evaluate.py output points at its checkpoint's run
-        if metrics.is_file():
-            ckpt = json.loads(metrics.read_text()).get("ckpt_path")
-            if ckpt:
-                config = Path(ckpt).parent.parent / "config.yaml"
+        ckpt = recorded.get("ckpt_path")  # an evaluate.py output points at its checkpoint's run
+        if ckpt:
+            config = Path(ckpt).parent.parent / "config.yaml"
     if not config.is_file():
         return None
     own_dir = str(config.parent.resolve())
@@ -116,6 +123,11 @@ def _config_key(run_dir: Path) -> str | None:
         return node
 
     container = _with_later_keys(OmegaConf.to_container(OmegaConf.load(config), resolve=False))
+    data = container.get("data")
+    if recorded.get("data_fingerprint") and isinstance(data, dict):
+        for key in _DATA_FILE_KEYS:
+            data.pop(key, None)
+        data["fingerprint"] = recorded["data_fingerprint"]
     return json.dumps(strip(container), sort_keys=True, default=str)
 
 
